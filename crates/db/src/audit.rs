@@ -1,0 +1,69 @@
+//! The audit trail: who did what to which resource, when, under which request.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
+use domain::OrgId;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::schema::audit_events;
+use crate::{DbResult, PgConn};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Queryable, Selectable)]
+#[diesel(table_name = audit_events)]
+pub struct AuditEvent {
+    pub id: Uuid,
+    pub org_id: String,
+    pub actor: String,
+    pub action: String,
+    pub target_type: String,
+    pub target_id: String,
+    pub request_id: Option<String>,
+    pub details: serde_json::Value,
+    pub at: DateTime<Utc>,
+}
+
+/// What to record; call inside the transaction that makes the change.
+pub struct Record<'a> {
+    pub org: &'a OrgId,
+    pub actor: &'a str,
+    pub action: &'a str,
+    pub target_type: &'a str,
+    pub target_id: String,
+    pub request_id: Option<&'a str>,
+    pub details: serde_json::Value,
+}
+
+pub async fn record(conn: &mut PgConn, event: Record<'_>) -> DbResult<()> {
+    diesel::insert_into(audit_events::table)
+        .values((
+            audit_events::id.eq(Uuid::now_v7()),
+            audit_events::org_id.eq(event.org.as_str()),
+            audit_events::actor.eq(event.actor),
+            audit_events::action.eq(event.action),
+            audit_events::target_type.eq(event.target_type),
+            audit_events::target_id.eq(event.target_id),
+            audit_events::request_id.eq(event.request_id),
+            audit_events::details.eq(event.details),
+        ))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Newest first, keyset-paged by id.
+pub async fn list(conn: &mut PgConn, org: &OrgId, before: Option<Uuid>, limit: u32) -> DbResult<Vec<AuditEvent>> {
+    let mut query = audit_events::table
+        .filter(audit_events::org_id.eq(org.as_str()))
+        .select(AuditEvent::as_select())
+        .into_boxed();
+    if let Some(before) = before {
+        query = query.filter(audit_events::id.lt(before));
+    }
+    Ok(query
+        .order(audit_events::id.desc())
+        .limit(i64::from(limit.max(1)))
+        .load(conn)
+        .await?)
+}

@@ -1,0 +1,341 @@
+//! Creating, reading and listing jobs. Lease-related changes are in
+//! [`crate::leases`].
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel_async::{AsyncConnection, RunQueryDsl};
+use domain::job::{JobStatus, NewJob};
+use domain::org::OrgSettings;
+use domain::retry::{FailureCounts, RetryPolicy};
+use domain::state::{CancelReason, Lifecycle};
+use domain::{DomainError, JobId, OrgId, RepositoryId};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::schema::{idempotency_keys, jobs};
+use crate::{DbError, DbResult, PgConn};
+
+/// A job row.
+#[derive(Clone, Debug, PartialEq, Serialize, Queryable, Selectable)]
+#[diesel(table_name = jobs)]
+pub struct Job {
+    pub id: Uuid,
+    pub org_id: String,
+    pub repository_id: Option<Uuid>,
+    pub queue: String,
+    pub queue_rank: i16,
+    pub priority: i32,
+    pub position: i64,
+    pub status: String,
+    pub required_labels: Vec<String>,
+    pub concurrency_key: Option<String>,
+    pub concurrency_limit: Option<i32>,
+    pub requires_approval: bool,
+    pub payload: serde_json::Value,
+    pub metadata: serde_json::Value,
+    pub retry_policy: serde_json::Value,
+    pub schedule_to_start_ms: Option<i64>,
+    pub run_timeout_ms: Option<i64>,
+    pub deadline_at: Option<DateTime<Utc>>,
+    pub run_at: DateTime<Utc>,
+    pub lease_epoch: i64,
+    pub app_failures: i32,
+    pub infra_failures: i32,
+    pub cancel_reason: Option<String>,
+    pub agent_id: Option<Uuid>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub leased_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub run_deadline_at: Option<DateTime<Utc>>,
+    pub cancel_requested_at: Option<DateTime<Utc>>,
+    pub cancel_deadline_at: Option<DateTime<Utc>>,
+    pub exit_code: Option<i32>,
+    pub error_kind: Option<String>,
+    pub error_message: Option<String>,
+    pub created_by: Option<String>,
+    pub request_id: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub queued_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Job {
+    pub fn job_id(&self) -> JobId {
+        JobId(self.id)
+    }
+
+    pub fn status(&self) -> JobStatus {
+        // The CHECK constraint admits only the domain's statuses.
+        self.status.parse().unwrap_or(JobStatus::Failed)
+    }
+
+    pub fn retry_policy(&self) -> RetryPolicy {
+        serde_json::from_value(self.retry_policy.clone()).unwrap_or_default()
+    }
+
+    /// The state-machine view of this row.
+    pub fn lifecycle(&self) -> Lifecycle {
+        Lifecycle {
+            status: self.status(),
+            epoch: self.lease_epoch as u64,
+            failures: FailureCounts {
+                application: self.app_failures as u32,
+                infrastructure: self.infra_failures as u32,
+            },
+            cancel_reason: self.cancel_reason.as_deref().and_then(parse_cancel_reason),
+        }
+    }
+}
+
+pub(crate) fn parse_cancel_reason(raw: &str) -> Option<CancelReason> {
+    [CancelReason::User, CancelReason::RunTimeout, CancelReason::Deadline]
+        .into_iter()
+        .find(|r| r.as_str() == raw)
+}
+
+#[derive(Insertable)]
+#[diesel(table_name = jobs)]
+struct NewJobRow<'a> {
+    id: Uuid,
+    org_id: &'a str,
+    repository_id: Option<Uuid>,
+    queue: &'a str,
+    queue_rank: i16,
+    priority: i32,
+    status: &'static str,
+    required_labels: Vec<String>,
+    concurrency_key: Option<&'a str>,
+    concurrency_limit: Option<i32>,
+    requires_approval: bool,
+    payload: serde_json::Value,
+    metadata: &'a serde_json::Value,
+    retry_policy: serde_json::Value,
+    schedule_to_start_ms: Option<i64>,
+    run_timeout_ms: Option<i64>,
+    deadline_at: Option<DateTime<Utc>>,
+    run_at: DateTime<Utc>,
+    created_by: Option<&'a str>,
+    request_id: Option<&'a str>,
+    created_at: DateTime<Utc>,
+    queued_at: Option<DateTime<Utc>>,
+}
+
+/// Who is creating jobs, and under which settings.
+pub struct CreateContext<'a> {
+    pub org: &'a OrgId,
+    pub settings: &'a OrgSettings,
+    pub created_by: Option<&'a str>,
+    pub request_id: Option<&'a str>,
+}
+
+/// An idempotency key and the hash of the request it came with.
+pub struct Idempotency<'a> {
+    pub key: &'a str,
+    pub request_hash: Vec<u8>,
+}
+
+#[derive(Debug)]
+pub struct Created {
+    pub jobs: Vec<Job>,
+    /// True when an earlier request with the same idempotency key and body
+    /// already created these jobs; nothing new was written.
+    pub replayed: bool,
+}
+
+fn to_json<T: Serialize>(value: &T) -> Result<serde_json::Value, diesel::result::Error> {
+    serde_json::to_value(value).map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))
+}
+
+/// Creates all `new_jobs` in one transaction (all or nothing). With an
+/// idempotency key, a repeated request returns the jobs the first one made,
+/// and the same key with a different body is a [`DbError::Conflict`].
+pub async fn create_jobs(
+    conn: &mut PgConn,
+    ctx: &CreateContext<'_>,
+    new_jobs: &[NewJob],
+    idempotency: Option<Idempotency<'_>>,
+) -> DbResult<Created> {
+    for job in new_jobs {
+        job.validate()?;
+    }
+    let now = Utc::now();
+    let mut rows = Vec::with_capacity(new_jobs.len());
+    for job in new_jobs {
+        let requires_approval = ctx.settings.approval_policy.requires_approval(job.requires_approval);
+        let status = if requires_approval {
+            JobStatus::PendingApproval
+        } else {
+            JobStatus::Queued
+        };
+        rows.push(NewJobRow {
+            id: JobId::new().as_uuid(),
+            org_id: ctx.org.as_str(),
+            repository_id: job.repository_id.map(|r| r.as_uuid()),
+            queue: job.queue.as_str(),
+            queue_rank: ctx.settings.queue_rank(&job.queue),
+            priority: job.priority,
+            status: status.as_str(),
+            required_labels: job.required_labels.to_vec(),
+            concurrency_key: job.concurrency.as_ref().map(|c| c.key.as_str()),
+            concurrency_limit: job.concurrency.as_ref().map(|c| c.limit as i32),
+            requires_approval,
+            payload: to_json(&job.payload)?,
+            metadata: &job.metadata,
+            retry_policy: to_json(&job.retry_policy)?,
+            schedule_to_start_ms: job.timeouts.schedule_to_start_ms.map(|ms| ms as i64),
+            run_timeout_ms: job.timeouts.run_timeout_ms.map(|ms| ms as i64),
+            deadline_at: job.deadline_at(now),
+            run_at: job.run_at.unwrap_or(now).max(now),
+            created_by: ctx.created_by,
+            request_id: ctx.request_id,
+            created_at: now,
+            queued_at: (status == JobStatus::Queued).then_some(now),
+        });
+    }
+    let org_id = ctx.org.as_str();
+    conn.transaction(async |conn| {
+        if let Some(idem) = &idempotency {
+            let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+            let claimed = diesel::insert_into(idempotency_keys::table)
+                .values((
+                    idempotency_keys::org_id.eq(org_id),
+                    idempotency_keys::key.eq(idem.key),
+                    idempotency_keys::request_hash.eq(&idem.request_hash),
+                    idempotency_keys::job_ids.eq(&ids),
+                ))
+                .on_conflict_do_nothing()
+                .execute(conn)
+                .await?;
+            if claimed == 0 {
+                let (hash, job_ids): (Vec<u8>, Vec<Uuid>) = idempotency_keys::table
+                    .find((org_id, idem.key))
+                    .select((idempotency_keys::request_hash, idempotency_keys::job_ids))
+                    .first(conn)
+                    .await?;
+                if hash != idem.request_hash {
+                    return Err(DbError::Conflict("idempotency_key_reused".into()));
+                }
+                let mut found = jobs::table
+                    .filter(jobs::id.eq_any(&job_ids))
+                    .select(Job::as_select())
+                    .load(conn)
+                    .await?;
+                found.sort_by_key(|j| job_ids.iter().position(|id| *id == j.id));
+                return Ok(Created {
+                    jobs: found,
+                    replayed: true,
+                });
+            }
+        }
+        let mut created = Vec::with_capacity(rows.len());
+        // Stay well under PostgreSQL's 65,535 bind parameters per statement.
+        for chunk in rows.chunks(500) {
+            let mut inserted = diesel::insert_into(jobs::table)
+                .values(chunk)
+                .returning(Job::as_returning())
+                .get_results(conn)
+                .await?;
+            inserted.sort_by_key(|j| chunk.iter().position(|r| r.id == j.id));
+            created.append(&mut inserted);
+        }
+        Ok(Created {
+            jobs: created,
+            replayed: false,
+        })
+    })
+    .await
+}
+
+/// A job of `org`; another org's job is not found.
+pub async fn get(conn: &mut PgConn, org: &OrgId, id: JobId) -> DbResult<Job> {
+    Ok(jobs::table
+        .filter(jobs::org_id.eq(org.as_str()))
+        .filter(jobs::id.eq(id.as_uuid()))
+        .select(Job::as_select())
+        .first(conn)
+        .await?)
+}
+
+/// A job by id alone, for components that already authorized the caller
+/// by other means (the gateway checks the lease).
+pub async fn get_any(conn: &mut PgConn, id: JobId) -> DbResult<Job> {
+    Ok(jobs::table
+        .find(id.as_uuid())
+        .select(Job::as_select())
+        .first(conn)
+        .await?)
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ListFilter {
+    pub status: Option<JobStatus>,
+    pub queue: Option<String>,
+    pub repository_id: Option<RepositoryId>,
+    pub label: Option<String>,
+    /// Keyset cursor: return jobs strictly older than this id.
+    pub before: Option<JobId>,
+    pub limit: u32,
+}
+
+/// Newest first. Ids are UUIDv7, so `id < cursor` pages are stable while
+/// new jobs keep arriving (they sort before every page already read).
+pub async fn list(conn: &mut PgConn, org: &OrgId, filter: &ListFilter) -> DbResult<Vec<Job>> {
+    let mut query = jobs::table
+        .filter(jobs::org_id.eq(org.as_str()))
+        .select(Job::as_select())
+        .into_boxed();
+    if let Some(status) = filter.status {
+        query = query.filter(jobs::status.eq(status.as_str()));
+    }
+    if let Some(queue) = &filter.queue {
+        query = query.filter(jobs::queue.eq(queue.clone()));
+    }
+    if let Some(repo) = filter.repository_id {
+        query = query.filter(jobs::repository_id.eq(repo.as_uuid()));
+    }
+    if let Some(label) = &filter.label {
+        query = query.filter(jobs::required_labels.contains(vec![label.clone()]));
+    }
+    if let Some(before) = filter.before {
+        query = query.filter(jobs::id.lt(before.as_uuid()));
+    }
+    Ok(query
+        .order(jobs::id.desc())
+        .limit(i64::from(filter.limit.max(1)))
+        .load(conn)
+        .await?)
+}
+
+/// Turns a guarded update that matched no row into the precise reason:
+/// unknown job, stale epoch, or a transition the job's state forbids.
+pub(crate) async fn explain_refusal(
+    conn: &mut PgConn,
+    id: JobId,
+    epoch: Option<u64>,
+    action: domain::state::Action,
+) -> DbError {
+    let found: Result<Option<(String, i64)>, _> = jobs::table
+        .find(id.as_uuid())
+        .select((jobs::status, jobs::lease_epoch))
+        .first(conn)
+        .await
+        .optional();
+    match found {
+        Err(e) => e.into(),
+        Ok(None) => DbError::NotFound,
+        Ok(Some((status, current))) => {
+            let status: JobStatus = status.parse().unwrap_or(JobStatus::Failed);
+            match epoch {
+                Some(given) if given != current as u64 => DbError::Domain(DomainError::StaleEpoch {
+                    given,
+                    current: current as u64,
+                }),
+                _ => DbError::Domain(DomainError::InvalidTransition {
+                    from: status,
+                    action: action.verb(),
+                }),
+            }
+        }
+    }
+}

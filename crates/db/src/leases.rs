@@ -1,0 +1,476 @@
+//! Leases and every state change of a job: granting a lease (epoch + 1),
+//! acknowledging it, heartbeats, results, cancellation, expiry, and the
+//! operator actions (approve, reject, cancel, retry, redrive).
+//!
+//! The hot paths (lease, start, heartbeat, success) are single statements
+//! guarded by status and epoch. Paths that need the retry policy lock the
+//! row, let [`domain::state::Lifecycle`] decide, and write the outcome in the
+//! same transaction, so the domain's rules are the only rules.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt, Int4, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+use diesel_async::{AsyncConnection, RunQueryDsl};
+use domain::job::JobStatus;
+use domain::retry::{Failure, InfraReason};
+use domain::state::{Action, AfterFailure, Lifecycle};
+use domain::{AgentId, JobId, OrgId};
+use uuid::Uuid;
+
+use crate::jobs::{Job, explain_refusal};
+use crate::schema::jobs;
+use crate::{DbError, DbResult, PgConn};
+
+fn sources(action: Action) -> Vec<&'static str> {
+    action.sources().iter().map(|s| s.as_str()).collect()
+}
+
+fn millis(duration: Duration) -> i64 {
+    duration.as_millis().min(i64::MAX as u128) as i64
+}
+
+/// A lease just granted.
+#[derive(Clone, Debug, PartialEq, QueryableByName)]
+pub struct Lease {
+    #[diesel(sql_type = SqlUuid)]
+    pub job_id: Uuid,
+    #[diesel(sql_type = BigInt)]
+    pub epoch: i64,
+    #[diesel(sql_type = Int4)]
+    pub attempt: i32,
+    #[diesel(sql_type = Timestamptz)]
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Leases one queued job to `agent`: the epoch goes up by one, and the
+/// agent must acknowledge within `ack_timeout` or the lease lapses and the
+/// job is queued again without spending an attempt. A job with a
+/// concurrency key also takes a free slot, or is not leased at all.
+pub async fn lease_job(
+    conn: &mut PgConn,
+    job: JobId,
+    agent: AgentId,
+    ack_timeout: Duration,
+) -> DbResult<Lease> {
+    conn.transaction(async |conn| {
+        let lease: Option<Lease> = diesel::sql_query(
+            "UPDATE jobs SET status = 'leased', lease_epoch = lease_epoch + 1, agent_id = $2, \
+                leased_at = now(), started_at = NULL, run_deadline_at = NULL, \
+                lease_expires_at = now() + $3 * interval '1 millisecond', \
+                cancel_reason = NULL, cancel_requested_at = NULL, cancel_deadline_at = NULL, \
+                updated_at = now() \
+             WHERE id = $1 AND status = ANY($4) AND run_at <= now() \
+             RETURNING id AS job_id, lease_epoch AS epoch, \
+                app_failures + infra_failures + 1 AS attempt, lease_expires_at AS expires_at",
+        )
+        .bind::<SqlUuid, _>(job.as_uuid())
+        .bind::<SqlUuid, _>(agent.as_uuid())
+        .bind::<BigInt, _>(millis(ack_timeout))
+        .bind::<Array<Text>, _>(sources(Action::Lease))
+        .get_result(conn)
+        .await
+        .optional()?;
+        let Some(lease) = lease else {
+            return Err(explain_refusal(conn, job, None, Action::Lease).await);
+        };
+        let slot_taken = diesel::sql_query(
+            "INSERT INTO concurrency_slots (org_id, key, slot, job_id, epoch) \
+             SELECT j.org_id, j.concurrency_key, s.slot, j.id, j.lease_epoch \
+             FROM jobs j, generate_series(0, j.concurrency_limit - 1) AS s(slot) \
+             WHERE j.id = $1 AND j.concurrency_key IS NOT NULL \
+               AND NOT EXISTS (SELECT 1 FROM concurrency_slots c \
+                   WHERE c.org_id = j.org_id AND c.key = j.concurrency_key AND c.slot = s.slot) \
+             ORDER BY s.slot LIMIT 1 \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind::<SqlUuid, _>(job.as_uuid())
+        .execute(conn)
+        .await?;
+        let needs_slot: bool = jobs::table
+            .find(job.as_uuid())
+            .select(jobs::concurrency_key.is_not_null())
+            .first(conn)
+            .await?;
+        if needs_slot && slot_taken == 0 {
+            return Err(DbError::Conflict("concurrency_key_full".into()));
+        }
+        Ok(lease)
+    })
+    .await
+}
+
+/// The agent acknowledged the assignment: the job is running, the lease
+/// now lasts `lease_ttl` and is extended by heartbeats.
+pub async fn start(conn: &mut PgConn, job: JobId, epoch: u64, lease_ttl: Duration) -> DbResult<Job> {
+    let updated: Option<Job> = diesel::update(jobs::table)
+        .filter(jobs::id.eq(job.as_uuid()))
+        .filter(jobs::lease_epoch.eq(epoch as i64))
+        .filter(jobs::status.eq_any(sources(Action::Start)))
+        .set((
+            jobs::status.eq(JobStatus::Running.as_str()),
+            jobs::started_at.eq(diesel::dsl::now),
+            jobs::lease_expires_at.eq(diesel::dsl::sql::<Nullable<Timestamptz>>(&format!(
+                "now() + interval '{} milliseconds'",
+                millis(lease_ttl)
+            ))),
+            jobs::run_deadline_at.eq(diesel::dsl::sql::<Nullable<Timestamptz>>(
+                "now() + run_timeout_ms * interval '1 millisecond'",
+            )),
+            jobs::updated_at.eq(diesel::dsl::now),
+        ))
+        .returning(Job::as_returning())
+        .get_result(conn)
+        .await
+        .optional()?;
+    match updated {
+        Some(job) => Ok(job),
+        None => Err(explain_refusal(conn, job, Some(epoch), Action::Start).await),
+    }
+}
+
+/// A lease an agent still holds after a heartbeat.
+#[derive(Clone, Debug, PartialEq, QueryableByName)]
+pub struct Extended {
+    #[diesel(sql_type = SqlUuid)]
+    pub job_id: Uuid,
+    #[diesel(sql_type = BigInt)]
+    pub epoch: i64,
+    #[diesel(sql_type = Timestamptz)]
+    pub expires_at: DateTime<Utc>,
+    /// Piggybacked on the heartbeat reply so a missed cancel push is healed.
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    pub cancel_requested: bool,
+}
+
+/// Extends every listed lease of `agent` in one statement. Leases missing
+/// from the result were stale (wrong epoch, not this agent, or over).
+pub async fn extend_leases(
+    conn: &mut PgConn,
+    agent: AgentId,
+    held: &[(JobId, u64)],
+    lease_ttl: Duration,
+) -> DbResult<Vec<Extended>> {
+    if held.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<Uuid> = held.iter().map(|(id, _)| id.as_uuid()).collect();
+    let epochs: Vec<i64> = held.iter().map(|(_, e)| *e as i64).collect();
+    Ok(diesel::sql_query(
+        "UPDATE jobs j SET lease_expires_at = now() + $4 * interval '1 millisecond' \
+         FROM unnest($1::uuid[], $2::int8[]) AS held(id, epoch) \
+         WHERE j.id = held.id AND j.lease_epoch = held.epoch AND j.agent_id = $3 \
+           AND j.status IN ('running', 'cancel_requested') \
+         RETURNING j.id AS job_id, j.lease_epoch AS epoch, j.lease_expires_at AS expires_at, \
+           j.status = 'cancel_requested' AS cancel_requested",
+    )
+    .bind::<Array<SqlUuid>, _>(&ids)
+    .bind::<Array<BigInt>, _>(&epochs)
+    .bind::<SqlUuid, _>(agent.as_uuid())
+    .bind::<BigInt, _>(millis(lease_ttl))
+    .load(conn)
+    .await?)
+}
+
+#[derive(QueryableByName)]
+struct Finished {
+    #[diesel(sql_type = SqlUuid)]
+    #[expect(dead_code, reason = "RETURNING needs a column; the row count is what matters")]
+    id: Uuid,
+}
+
+/// Records success in one statement: the job, its attempt row and its
+/// concurrency slot change together, only if `epoch` is still current.
+pub async fn succeed(conn: &mut PgConn, job: JobId, epoch: u64, exit_code: Option<i32>) -> DbResult<()> {
+    let done: Option<Finished> = diesel::sql_query(
+        "WITH done AS ( \
+            UPDATE jobs SET status = 'succeeded', exit_code = $3, error_kind = NULL, \
+                error_message = NULL, finished_at = now(), lease_expires_at = NULL, \
+                cancel_deadline_at = NULL, updated_at = now() \
+            WHERE id = $1 AND lease_epoch = $2 AND status = ANY($4) \
+            RETURNING id, lease_epoch, agent_id, leased_at, started_at, \
+                app_failures + infra_failures + 1 AS attempt), \
+         freed AS (DELETE FROM concurrency_slots s USING done WHERE s.job_id = done.id), \
+         recorded AS ( \
+            INSERT INTO attempts (job_id, epoch, attempt, agent_id, leased_at, started_at, outcome, exit_code) \
+            SELECT id, lease_epoch, attempt, agent_id, leased_at, started_at, 'succeeded', $3 FROM done) \
+         SELECT id FROM done",
+    )
+    .bind::<SqlUuid, _>(job.as_uuid())
+    .bind::<BigInt, _>(epoch as i64)
+    .bind::<Nullable<Int4>, _>(exit_code)
+    .bind::<Array<Text>, _>(sources(Action::Succeed))
+    .get_result(conn)
+    .await
+    .optional()?;
+    match done {
+        Some(_) => Ok(()),
+        None => Err(explain_refusal(conn, job, Some(epoch), Action::Succeed).await),
+    }
+}
+
+/// How an attempt ended, other than in success.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Ending {
+    /// The job ran and failed.
+    Failed {
+        exit_code: Option<i32>,
+        error_kind: Option<String>,
+        message: Option<String>,
+    },
+    /// The lease lapsed or the agent went away.
+    Lost(InfraReason),
+    /// The agent gave the job back; it may run again after `delay`.
+    Released { delay: Duration },
+    /// The agent confirmed a cancellation.
+    CancelAcknowledged,
+    /// The cancel grace period passed without confirmation.
+    CancelForced,
+}
+
+/// Where a job went after [`end_attempt`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ended {
+    pub status: JobStatus,
+    pub retry_at: Option<DateTime<Utc>>,
+}
+
+async fn lock_job(conn: &mut PgConn, job: JobId) -> DbResult<Job> {
+    Ok(jobs::table
+        .find(job.as_uuid())
+        .select(Job::as_select())
+        .for_update()
+        .first(conn)
+        .await?)
+}
+
+/// Ends the attempt at `epoch` for any reason but success: the domain
+/// decides between retry (with jittered backoff), failed, dead, cancelled
+/// or timed out. The lease's concurrency slot is freed in the same
+/// transaction. `epoch: None` is for the platform's own forced endings,
+/// which act on whatever lease is current.
+pub async fn end_attempt(conn: &mut PgConn, job: JobId, epoch: Option<u64>, ending: Ending) -> DbResult<Ended> {
+    let unit: f64 = rand::random();
+    conn.transaction(async |conn| {
+        let row = lock_job(conn, job).await?;
+        let now_state = row.lifecycle();
+        let epoch = epoch.unwrap_or(now_state.epoch);
+        let policy = row.retry_policy();
+        let after: AfterFailure = match &ending {
+            Ending::Failed { error_kind, .. } => now_state.fail(
+                epoch,
+                &Failure::Application {
+                    error_kind: error_kind.clone(),
+                },
+                &policy,
+                unit,
+            )?,
+            Ending::Lost(reason) => now_state.expire_lease(
+                epoch,
+                &Failure::Infrastructure { reason: *reason },
+                &policy,
+                unit,
+            )?,
+            Ending::Released { delay } => AfterFailure {
+                next: now_state.release(epoch)?,
+                retry_after: Some(*delay),
+            },
+            Ending::CancelAcknowledged => AfterFailure {
+                next: now_state.acknowledge_cancel(epoch)?,
+                retry_after: None,
+            },
+            Ending::CancelForced => {
+                if epoch != now_state.epoch {
+                    return Err(DbError::Domain(domain::DomainError::StaleEpoch {
+                        given: epoch,
+                        current: now_state.epoch,
+                    }));
+                }
+                AfterFailure {
+                    next: now_state.force_cancel()?,
+                    retry_after: None,
+                }
+            }
+        };
+        let next = after.next;
+        let now = Utc::now();
+        let retry_at = (next.status == JobStatus::Queued)
+            .then(|| now + chrono::Duration::from_std(after.retry_after.unwrap_or_default()).unwrap_or_default());
+        let (exit_code, error_kind, message) = match &ending {
+            Ending::Failed {
+                exit_code,
+                error_kind,
+                message,
+            } => (*exit_code, error_kind.clone(), message.clone()),
+            Ending::Lost(reason) => (
+                None,
+                Some(format!("{reason:?}").to_lowercase()),
+                Some("the lease was lost".to_owned()),
+            ),
+            _ => (row.exit_code, row.error_kind.clone(), row.error_message.clone()),
+        };
+        let outcome = attempt_outcome(&ending, &now_state, &next);
+        // A lease never acknowledged is not an attempt: no history row.
+        if now_state.status != JobStatus::Leased || outcome != "released" {
+            record_attempt(conn, &row, outcome, exit_code, error_kind.as_deref(), message.as_deref()).await?;
+        }
+        diesel::sql_query("DELETE FROM concurrency_slots WHERE job_id = $1")
+            .bind::<SqlUuid, _>(job.as_uuid())
+            .execute(conn)
+            .await?;
+        write_lifecycle(conn, job, &next, retry_at, now).await?;
+        diesel::update(jobs::table.find(job.as_uuid()))
+            .set((
+                jobs::exit_code.eq(exit_code),
+                jobs::error_kind.eq(error_kind),
+                jobs::error_message.eq(message),
+                jobs::lease_expires_at.eq(None::<DateTime<Utc>>),
+                jobs::cancel_deadline_at.eq(None::<DateTime<Utc>>),
+                jobs::run_deadline_at.eq(None::<DateTime<Utc>>),
+            ))
+            .execute(conn)
+            .await?;
+        Ok(Ended {
+            status: next.status,
+            retry_at,
+        })
+    })
+    .await
+}
+
+fn attempt_outcome(ending: &Ending, before: &Lifecycle, next: &Lifecycle) -> &'static str {
+    match ending {
+        Ending::Released { .. } => "released",
+        Ending::Lost(_) if before.status == JobStatus::Leased => "released",
+        Ending::CancelAcknowledged | Ending::CancelForced => match next.status {
+            JobStatus::TimedOut => "timed_out",
+            _ => "cancelled",
+        },
+        _ if next.status == JobStatus::Cancelled => "cancelled",
+        _ if next.status == JobStatus::TimedOut => "timed_out",
+        Ending::Lost(_) => "lost",
+        Ending::Failed { .. } => "failed",
+    }
+}
+
+async fn record_attempt(
+    conn: &mut PgConn,
+    row: &Job,
+    outcome: &str,
+    exit_code: Option<i32>,
+    error_kind: Option<&str>,
+    message: Option<&str>,
+) -> DbResult<()> {
+    let (Some(agent_id), Some(leased_at)) = (row.agent_id, row.leased_at) else {
+        return Ok(());
+    };
+    diesel::sql_query(
+        "INSERT INTO attempts (job_id, epoch, attempt, agent_id, leased_at, started_at, outcome, \
+            exit_code, error_kind, error_message) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING",
+    )
+    .bind::<SqlUuid, _>(row.id)
+    .bind::<BigInt, _>(row.lease_epoch)
+    .bind::<Int4, _>(row.app_failures + row.infra_failures + 1)
+    .bind::<SqlUuid, _>(agent_id)
+    .bind::<Timestamptz, _>(leased_at)
+    .bind::<Nullable<Timestamptz>, _>(row.started_at)
+    .bind::<Text, _>(outcome)
+    .bind::<Nullable<Int4>, _>(exit_code)
+    .bind::<Nullable<Text>, _>(error_kind)
+    .bind::<Nullable<Text>, _>(message)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Writes a lifecycle decided by the domain onto the (locked) row.
+async fn write_lifecycle(
+    conn: &mut PgConn,
+    job: JobId,
+    next: &Lifecycle,
+    retry_at: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> DbResult<()> {
+    let queued = next.status == JobStatus::Queued;
+    diesel::update(jobs::table.find(job.as_uuid()))
+        .set((
+            jobs::status.eq(next.status.as_str()),
+            jobs::lease_epoch.eq(next.epoch as i64),
+            jobs::app_failures.eq(next.failures.application as i32),
+            jobs::infra_failures.eq(next.failures.infrastructure as i32),
+            jobs::cancel_reason.eq(next.cancel_reason.map(|r| r.as_str())),
+            jobs::updated_at.eq(now),
+        ))
+        .execute(conn)
+        .await?;
+    if queued {
+        diesel::update(jobs::table.find(job.as_uuid()))
+            .set((
+                jobs::run_at.eq(retry_at.unwrap_or(now)),
+                jobs::queued_at.eq(now),
+                jobs::finished_at.eq(None::<DateTime<Utc>>),
+            ))
+            .execute(conn)
+            .await?;
+    } else if next.status.is_terminal() {
+        diesel::update(jobs::table.find(job.as_uuid()))
+            .set(jobs::finished_at.eq(now))
+            .execute(conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Operator actions on a job, checked by the domain state machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OperatorAction {
+    Approve,
+    Reject,
+    /// Cancel; a leased job gets `grace` to stop before the cancel is forced.
+    Cancel { grace: Duration },
+    Retry,
+    Redrive,
+}
+
+/// Applies an operator action to a job of `org` and returns the new row.
+pub async fn operate(conn: &mut PgConn, org: &OrgId, job: JobId, action: OperatorAction) -> DbResult<Job> {
+    conn.transaction(async |conn| {
+        let row: Job = jobs::table
+            .filter(jobs::org_id.eq(org.as_str()))
+            .filter(jobs::id.eq(job.as_uuid()))
+            .select(Job::as_select())
+            .for_update()
+            .first(conn)
+            .await?;
+        let state = row.lifecycle();
+        let next = match action {
+            OperatorAction::Approve => state.approve()?,
+            OperatorAction::Reject => state.reject()?,
+            OperatorAction::Cancel { .. } => state.request_cancel()?,
+            OperatorAction::Retry => state.retry()?,
+            OperatorAction::Redrive => state.redrive()?,
+        };
+        let now = Utc::now();
+        if let OperatorAction::Cancel { grace } = action
+            && next.status == JobStatus::CancelRequested
+            && state.status != JobStatus::CancelRequested
+        {
+            diesel::update(jobs::table.find(job.as_uuid()))
+                .set((
+                    jobs::cancel_requested_at.eq(now),
+                    jobs::cancel_deadline_at.eq(now + chrono::Duration::from_std(grace).unwrap_or_default()),
+                ))
+                .execute(conn)
+                .await?;
+        }
+        write_lifecycle(conn, job, &next, None, now).await?;
+        Ok(jobs::table
+            .find(job.as_uuid())
+            .select(Job::as_select())
+            .first(conn)
+            .await?)
+    })
+    .await
+}

@@ -1,0 +1,26 @@
+//! The PostgreSQL data layer: the schema, embedded migrations, a pooled
+//! async connection, and every statement the services run.
+//!
+//! State changes are single statements guarded by the job's status (taken
+//! from [`domain::state::Action::sources`]) and, for agent writes, by the
+//! lease epoch, so correctness never depends on which process wins a race.
+
+pub mod agents;
+pub mod audit;
+mod error;
+pub mod jobs;
+pub mod leases;
+pub mod logs;
+mod migrations;
+pub mod orgs;
+mod pool;
+pub mod repositories;
+pub mod schema;
+pub mod secrets;
+
+pub use error::DbError;
+pub use migrations::{MIGRATIONS, migrations_fingerprint, run_migrations};
+pub use diesel_async::AsyncPgConnection as PgConn;
+pub use pool::{Db, PoolConfig, PooledConn};
+
+pub type DbResult<T> = Result<T, DbError>;

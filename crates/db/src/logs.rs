@@ -1,0 +1,187 @@
+//! Job logs: lines stored with a gapless per-job sequence, appended in
+//! batches, fenced by the lease epoch, and idempotent by byte offset so an
+//! agent may resend a chunk (after a reconnect, or on another transport)
+//! without duplicating lines.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt, Text, Timestamptz, Uuid as SqlUuid};
+use diesel_async::{AsyncConnection, RunQueryDsl};
+use domain::events::{LogLine, LogStream};
+use domain::{DomainError, JobId};
+
+use crate::schema::{job_log_heads, job_logs, jobs};
+use crate::{DbError, DbResult, PgConn};
+
+/// One line as the agent sent it, with the byte offset just past its end
+/// in the attempt's output.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IncomingLine {
+    pub stream: LogStream,
+    pub at: DateTime<Utc>,
+    pub line: String,
+    pub end_offset: u64,
+}
+
+/// The result of an append.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Appended {
+    /// Lines newly stored (empty if the chunk was a pure resend).
+    pub lines: Vec<LogLine>,
+    /// Bytes of this attempt's output now stored: where to resume.
+    pub committed_offset: u64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("log chunk starts at byte {given} but {committed} bytes are committed")]
+pub struct OffsetGap {
+    pub given: u64,
+    pub committed: u64,
+}
+
+/// Appends lines starting at byte `start_offset` of the attempt at `epoch`.
+/// Lines already committed (a resend) are skipped; a chunk that starts past
+/// the committed offset would leave a gap and is refused with the offset
+/// to resume from.
+pub async fn append(
+    conn: &mut PgConn,
+    job: JobId,
+    epoch: u64,
+    start_offset: u64,
+    lines: &[IncomingLine],
+) -> DbResult<Result<Appended, OffsetGap>> {
+    conn.transaction(async |conn| {
+        // FOR SHARE: a concurrent re-lease (epoch bump) waits for this
+        // append to commit, so no stale line lands after the new lease.
+        let current: Option<(i64, String)> = jobs::table
+            .find(job.as_uuid())
+            .select((jobs::lease_epoch, jobs::status))
+            .for_share()
+            .first(conn)
+            .await
+            .optional()?;
+        let Some((current_epoch, status)) = current else {
+            return Err(DbError::NotFound);
+        };
+        if current_epoch as u64 != epoch {
+            return Err(DomainError::StaleEpoch {
+                given: epoch,
+                current: current_epoch as u64,
+            }
+            .into());
+        }
+        let status: domain::job::JobStatus = status.parse().map_err(DomainError::from)?;
+        if !status.holds_lease() {
+            return Err(DomainError::InvalidTransition {
+                from: status,
+                action: "accept log lines",
+            }
+            .into());
+        }
+        diesel::insert_into(job_log_heads::table)
+            .values((job_log_heads::job_id.eq(job.as_uuid()), job_log_heads::epoch.eq(epoch as i64)))
+            .on_conflict_do_nothing()
+            .execute(conn)
+            .await?;
+        let (next_seq, head_epoch, committed): (i64, i64, i64) = job_log_heads::table
+            .find(job.as_uuid())
+            .select((
+                job_log_heads::next_seq,
+                job_log_heads::epoch,
+                job_log_heads::committed_offset,
+            ))
+            .for_update()
+            .first(conn)
+            .await?;
+        // Byte offsets count within one attempt; a new epoch starts at 0.
+        let committed = if head_epoch == epoch as i64 { committed as u64 } else { 0 };
+        if start_offset > committed {
+            return Ok(Err(OffsetGap {
+                given: start_offset,
+                committed,
+            }));
+        }
+        let fresh: Vec<&IncomingLine> = lines.iter().filter(|l| l.end_offset > committed).collect();
+        let new_committed = fresh.last().map_or(committed, |l| l.end_offset);
+        let stored: Vec<LogLine> = fresh
+            .iter()
+            .enumerate()
+            .map(|(i, l)| LogLine {
+                seq: next_seq + i as i64,
+                stream: l.stream,
+                at: l.at,
+                line: l.line.clone(),
+            })
+            .collect();
+        if !stored.is_empty() {
+            diesel::sql_query(
+                "INSERT INTO job_logs (job_id, seq, epoch, stream, at, line) \
+                 SELECT $1, s.seq, $2, s.stream, s.at, s.line \
+                 FROM unnest($3::int8[], $4::text[], $5::timestamptz[], $6::text[]) \
+                   AS s(seq, stream, at, line)",
+            )
+            .bind::<SqlUuid, _>(job.as_uuid())
+            .bind::<BigInt, _>(epoch as i64)
+            .bind::<Array<BigInt>, _>(stored.iter().map(|l| l.seq).collect::<Vec<_>>())
+            .bind::<Array<Text>, _>(stored.iter().map(|l| l.stream.as_str()).collect::<Vec<_>>())
+            .bind::<Array<Timestamptz>, _>(stored.iter().map(|l| l.at).collect::<Vec<_>>())
+            .bind::<Array<Text>, _>(stored.iter().map(|l| l.line.as_str()).collect::<Vec<_>>())
+            .execute(conn)
+            .await?;
+        }
+        diesel::update(job_log_heads::table.find(job.as_uuid()))
+            .set((
+                job_log_heads::next_seq.eq(next_seq + stored.len() as i64),
+                job_log_heads::epoch.eq(epoch as i64),
+                job_log_heads::committed_offset.eq(new_committed as i64),
+            ))
+            .execute(conn)
+            .await?;
+        Ok(Ok(Appended {
+            lines: stored,
+            committed_offset: new_committed,
+        }))
+    })
+    .await
+}
+
+#[derive(Queryable)]
+struct LineRow {
+    seq: i64,
+    stream: String,
+    at: DateTime<Utc>,
+    line: String,
+}
+
+/// Lines with `seq > after_seq`, in order, at most `limit`.
+pub async fn read(conn: &mut PgConn, job: JobId, after_seq: i64, limit: u32) -> DbResult<Vec<LogLine>> {
+    let rows: Vec<LineRow> = job_logs::table
+        .filter(job_logs::job_id.eq(job.as_uuid()))
+        .filter(job_logs::seq.gt(after_seq))
+        .order(job_logs::seq.asc())
+        .limit(i64::from(limit))
+        .select((job_logs::seq, job_logs::stream, job_logs::at, job_logs::line))
+        .load(conn)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| LogLine {
+            seq: r.seq,
+            stream: LogStream::parse(&r.stream).unwrap_or(LogStream::System),
+            at: r.at,
+            line: r.line,
+        })
+        .collect())
+}
+
+/// The last `count` lines, oldest first.
+pub async fn tail(conn: &mut PgConn, job: JobId, count: u32) -> DbResult<Vec<LogLine>> {
+    let last_seq: Option<i64> = job_log_heads::table
+        .find(job.as_uuid())
+        .select(job_log_heads::next_seq)
+        .first(conn)
+        .await
+        .optional()?;
+    let after = last_seq.map_or(0, |next| (next - 1 - i64::from(count)).max(0));
+    read(conn, job, after, count).await
+}

@@ -1,0 +1,77 @@
+use std::time::Duration;
+
+use deadpool::Runtime;
+use diesel::sql_query;
+use diesel_async::pooled_connection::AsyncDieselConnectionManager;
+use diesel_async::pooled_connection::deadpool::{Object, Pool};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+
+use crate::{DbError, DbResult};
+
+/// A pooled connection.
+pub type PooledConn = Object<AsyncPgConnection>;
+
+/// Pool settings; services read them from the environment.
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    pub url: String,
+    pub max_size: usize,
+    /// Longest wait for a free connection before reporting `Unavailable`.
+    pub acquire_timeout: Duration,
+    /// Longest wait to open a new connection.
+    pub connect_timeout: Duration,
+}
+
+impl PoolConfig {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            max_size: 16,
+            acquire_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// A handle on the database: cheap to clone, shared by all tasks.
+#[derive(Clone)]
+pub struct Db {
+    pool: Pool<AsyncPgConnection>,
+}
+
+impl Db {
+    /// Builds the pool. Connections open lazily, so a service starts (and
+    /// reports not-ready) while PostgreSQL is still down.
+    pub fn connect(config: &PoolConfig) -> DbResult<Self> {
+        let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(&config.url);
+        let pool = Pool::builder(manager)
+            .max_size(config.max_size)
+            .wait_timeout(Some(config.acquire_timeout))
+            .create_timeout(Some(config.connect_timeout))
+            .recycle_timeout(Some(config.connect_timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| DbError::Unavailable(e.to_string()))?;
+        Ok(Self { pool })
+    }
+
+    pub async fn conn(&self) -> DbResult<PooledConn> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| DbError::Unavailable(e.to_string()))
+    }
+
+    /// Answers when PostgreSQL does: used by `/readyz`.
+    pub async fn ping(&self) -> DbResult<()> {
+        let mut conn = self.conn().await?;
+        sql_query("SELECT 1").execute(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Connections in use and the pool's size, for saturation metrics.
+    pub fn pool_usage(&self) -> (usize, usize) {
+        let status = self.pool.status();
+        (status.size - status.available.min(status.size), status.max_size)
+    }
+}

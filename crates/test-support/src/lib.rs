@@ -1,0 +1,37 @@
+//! Test helpers. Every test gets real PostgreSQL and Redis, isolated:
+//!
+//! * [`TestDb`]: its own database, cloned from a template that is migrated
+//!   once per schema version (cloning takes milliseconds; migrating every
+//!   test would not), dropped when the test ends.
+//! * [`TestRedis`]: the shared Redis with a unique key and channel prefix,
+//!   whose keys are deleted when the test ends.
+//! * [`RedisServer`]: a private `redis-server` on its own port, for tests
+//!   that must stop and restart Redis without disturbing other tests.
+//! * [`spawn_service`]: runs a service's `run(config, listener, shutdown)`
+//!   in-process on port 0.
+//!
+//! `TEST_DATABASE_URL` (default `postgres://postgres:postgres@127.0.0.1:5432/postgres`)
+//! names a maintenance database on a server where the user may create
+//! databases; `TEST_REDIS_URL` (default `redis://127.0.0.1:6379`) the Redis.
+
+mod database;
+mod redis_server;
+mod service;
+
+pub use database::TestDb;
+pub use redis_server::{RedisServer, TestRedis};
+pub use service::{RunningService, spawn_service};
+
+/// Installs a test log subscriber once (honours `RUST_LOG`; quiet otherwise).
+pub fn init_tracing() {
+    use std::sync::Once;
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}
