@@ -35,3 +35,18 @@ pub fn init_tracing() {
             .try_init();
     });
 }
+
+/// Service settings pointing at this test's database and Redis prefix, with
+/// one HTTP worker and short timeouts.
+pub fn common_config(service: &'static str, db: &TestDb, redis_url: &str, redis_prefix: &str) -> service_kit::config::CommonConfig {
+    let vars = [
+        ("DATABASE_URL", db.url().to_owned()),
+        ("DATABASE_POOL_SIZE", "8".to_owned()),
+        ("REDIS_URL", redis_url.to_owned()),
+        ("REDIS_KEY_PREFIX", redis_prefix.to_owned()),
+        ("HTTP_WORKERS", "1".to_owned()),
+        ("HTTP_SHUTDOWN_TIMEOUT_SECS", "2".to_owned()),
+    ];
+    let lookup = move |name: &str| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone());
+    service_kit::config::CommonConfig::from_source(service, &lookup).expect("test config")
+}

@@ -1,1 +1,4 @@
+//! job-api integration tests: the real service in-process on port 0,
+//! against real PostgreSQL and Redis.
 
+mod ops;

@@ -1,1 +1,4 @@
+//! realtime-broadcaster integration tests: the real service in-process on port 0,
+//! against real PostgreSQL and Redis.
 
+mod ops;

@@ -1,0 +1,17 @@
+//! The data layer's integration tests, run against a real PostgreSQL.
+//!
+//! Every test gets a database of its own, cloned from a migrated template
+//! ([`test_support::TestDb`]), so tests run in parallel without sharing
+//! rows. Concurrency tests open extra pooled connections to the same
+//! database and race real transactions against each other.
+
+mod agents;
+mod audit;
+mod concurrency;
+mod jobs;
+mod leases;
+mod logs;
+mod migrations;
+mod orgs;
+mod repositories;
+mod support;

@@ -1,0 +1,100 @@
+//! The HTTP server every service runs: actix-web on a listener handed in by
+//! the caller (port 0 in tests), with keep-alive and timeouts from
+//! [`HttpConfig`], request metrics, a per-request deadline answered with a
+//! problem document, and graceful shutdown when the token is cancelled.
+
+use std::net::TcpListener;
+use std::time::Instant;
+
+use actix_web::body::{BoxBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::StatusCode;
+use actix_web::middleware::{Next, from_fn};
+use actix_web::{App, HttpServer, web};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::HttpConfig;
+use crate::ops::Ops;
+use crate::problem::Problem;
+
+#[derive(Clone, Copy)]
+struct RequestDeadline(std::time::Duration);
+
+async fn deadline_and_metrics(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let started = Instant::now();
+    let method = req.method().as_str().to_owned();
+    let deadline = req.app_data::<RequestDeadline>().copied();
+    let ops = req.app_data::<web::Data<Ops>>().cloned();
+    let call = next.call(req);
+    let response = match deadline {
+        Some(RequestDeadline(limit)) => match tokio::time::timeout(limit, call).await {
+            Ok(result) => result?.map_into_boxed_body(),
+            Err(_) => {
+                if let Some(ops) = &ops {
+                    ops.http_metrics()
+                        .requests
+                        .with_label_values(&["timeout", method.as_str(), "503"])
+                        .inc();
+                }
+                let problem = Problem::new(StatusCode::SERVICE_UNAVAILABLE, "request-timeout", "Request timed out")
+                    .detail(format!("the server did not answer within {} s", limit.as_secs()));
+                return Err(actix_web::error::InternalError::from_response("request timed out", problem.response()).into());
+            }
+        },
+        None => call.await?.map_into_boxed_body(),
+    };
+    if let Some(ops) = ops {
+        let route = response.request().match_pattern().unwrap_or_else(|| "unmatched".to_owned());
+        let metrics = ops.http_metrics();
+        metrics
+            .requests
+            .with_label_values(&[route.as_str(), method.as_str(), response.status().as_str()])
+            .inc();
+        metrics
+            .duration
+            .with_label_values(&[route.as_str(), method.as_str()])
+            .observe(started.elapsed().as_secs_f64());
+    }
+    Ok(response)
+}
+
+/// Serves `configure`'s routes plus the operational endpoints until
+/// `shutdown` is cancelled, then stops accepting and lets in-flight
+/// requests finish (up to the shutdown timeout).
+pub async fn serve<F>(
+    listener: TcpListener,
+    config: &HttpConfig,
+    ops: Ops,
+    shutdown: CancellationToken,
+    configure: F,
+) -> std::io::Result<()>
+where
+    F: Fn(&mut web::ServiceConfig) + Send + Clone + 'static,
+{
+    let deadline = RequestDeadline(config.request_timeout);
+    let server = HttpServer::new(move || {
+        let ops = ops.clone();
+        let configure = configure.clone();
+        App::new()
+            .app_data(deadline)
+            .wrap(from_fn(deadline_and_metrics))
+            .configure(move |cfg| ops.configure(cfg))
+            .configure(configure)
+    })
+    .workers(config.workers)
+    .keep_alive(config.keep_alive)
+    .client_request_timeout(config.client_request_timeout)
+    .shutdown_timeout(config.shutdown_timeout.as_secs())
+    .disable_signals()
+    .listen(listener)?
+    .run();
+    let handle = server.handle();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        handle.stop(true).await;
+    });
+    server.await
+}
