@@ -12,7 +12,7 @@ use domain::job::JobStatus;
 use domain::{AgentId, DomainError, JobId};
 use test_support::TestDb;
 
-use crate::support::{self, ACK, acme, create_one, job, lease_and_start};
+use crate::support::{self, acme, create_one, job, lease_and_start};
 
 /// Lines as an agent would send them from byte `start`: each line's end
 /// offset counts its text and a newline.

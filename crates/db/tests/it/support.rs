@@ -172,6 +172,14 @@ pub async fn count(conn: &mut PgConn, sql: &str) -> i64 {
         .count
 }
 
+/// Runs a statement without parameters; returns the rows it affected.
+pub async fn exec(conn: &mut PgConn, sql: &str) -> usize {
+    diesel::sql_query(sql)
+        .execute(conn)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
 /// A pool of its own on the test's database, for tasks that race each
 /// other on separate connections.
 pub fn pool(test_db: &TestDb, max_size: usize) -> db::Db {

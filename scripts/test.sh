@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs the whole test suite. Starts (installing if needed) PostgreSQL and
+# Redis first. Extra arguments go to `cargo test` (e.g. `-p db`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+ensure_backing_services
+export TEST_DATABASE_URL=${TEST_DATABASE_URL:-postgres://postgres:$PG_PASSWORD@$PG_HOST:$PG_PORT/postgres}
+export TEST_REDIS_URL=${TEST_REDIS_URL:-redis://127.0.0.1:$REDIS_PORT}
+
+say "cargo test --workspace $*"
+cargo test --workspace "$@"
