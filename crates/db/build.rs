@@ -6,7 +6,8 @@ use std::path::Path;
 use std::{env, fs};
 
 fn main() {
-    let dir = Path::new(&env::var("CARGO_MANIFEST_DIR").expect("manifest dir")).join("../../migrations");
+    let dir =
+        Path::new(&env::var("CARGO_MANIFEST_DIR").expect("manifest dir")).join("../../migrations");
     println!("cargo:rerun-if-changed={}", dir.display());
     let mut files = Vec::new();
     collect(&dir, &mut files);
@@ -14,7 +15,11 @@ fn main() {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for file in files {
         println!("cargo:rerun-if-changed={}", file.display());
-        let name = file.strip_prefix(&dir).unwrap_or(&file).to_string_lossy().into_owned();
+        let name = file
+            .strip_prefix(&dir)
+            .unwrap_or(&file)
+            .to_string_lossy()
+            .into_owned();
         let bytes = fs::read(&file).expect("read migration");
         for byte in name.bytes().chain(bytes) {
             hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);

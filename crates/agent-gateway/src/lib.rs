@@ -34,8 +34,19 @@ impl ServiceConfig for Config {
 }
 
 /// Serves until `shutdown` is cancelled, then drains and returns.
-pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let foundation = Foundation::new(&config.common, env!("CARGO_PKG_VERSION"))?;
-    service_kit::http::serve(listener, &config.common.http, foundation.ops.clone(), shutdown, |_routes| {}).await?;
+    service_kit::http::serve(
+        listener,
+        &config.common.http,
+        foundation.ops.clone(),
+        shutdown,
+        |_routes| {},
+    )
+    .await?;
     Ok(())
 }

@@ -81,6 +81,7 @@ pub struct Bus {
 impl Bus {
     /// Prepares the connection without opening it, so a service can start
     /// (and report not-ready) while Redis is down. Fails only on a bad URL.
+    /// Call it inside a Tokio runtime.
     pub fn connect(config: &BusConfig) -> BusResult<Self> {
         let client = redis::Client::open(config.url.as_str())?;
         let manager_config = ConnectionManagerConfig::new()
@@ -146,21 +147,28 @@ impl Bus {
     /// Subscribes to `channels` on a dedicated connection. The stream ends
     /// when the connection drops; callers resubscribe and backfill from
     /// PostgreSQL. Messages that do not parse are skipped with a warning.
-    pub async fn subscribe(&self, channels: &[Channel]) -> BusResult<impl Stream<Item = Envelope> + use<>> {
+    pub async fn subscribe(
+        &self,
+        channels: &[Channel],
+    ) -> BusResult<impl Stream<Item = Envelope> + use<>> {
         let mut pubsub = self.client.get_async_pubsub().await?;
         for channel in channels {
             pubsub.subscribe(self.channel_name(channel)).await?;
         }
-        Ok(pubsub.into_on_message().filter_map(|message| async move {
-            let payload: String = message.get_payload().ok()?;
-            match serde_json::from_str::<Envelope>(&payload) {
-                Ok(envelope) => Some(envelope),
-                Err(error) => {
-                    tracing::warn!(error = %error, channel = message.get_channel_name(), "skipping malformed event");
-                    None
-                }
-            }
-        }))
+        Ok(pubsub
+            .into_on_message()
+            .filter_map(|message| futures_util::future::ready(parse(&message))))
+    }
+}
+
+fn parse(message: &redis::Msg) -> Option<Envelope> {
+    let payload: String = message.get_payload().ok()?;
+    match serde_json::from_str::<Envelope>(&payload) {
+        Ok(envelope) => Some(envelope),
+        Err(error) => {
+            tracing::warn!(error = %error, channel = message.get_channel_name(), "skipping malformed event");
+            None
+        }
     }
 }
 
@@ -168,12 +176,18 @@ impl Bus {
 mod tests {
     use super::*;
 
-    #[test]
-    fn channel_names_carry_the_prefix() {
+    #[tokio::test]
+    async fn channel_names_carry_the_prefix() {
         let bus = Bus::connect(&BusConfig::new("redis://127.0.0.1:6379", "sy:")).expect("bus");
         let job = JobId::new();
-        assert_eq!(bus.channel_name(&Channel::Job(job)), format!("sy:job:{job}"));
-        assert_eq!(bus.channel_name(&Channel::SchedulerWake), "sy:scheduler:wake");
+        assert_eq!(
+            bus.channel_name(&Channel::Job(job)),
+            format!("sy:job:{job}")
+        );
+        assert_eq!(
+            bus.channel_name(&Channel::SchedulerWake),
+            "sy:scheduler:wake"
+        );
         assert_eq!(bus.key("x"), "sy:x");
     }
 

@@ -81,7 +81,8 @@ pub async fn create_registration_token(
     new: NewRegistrationToken<'_>,
 ) -> DbResult<(RegistrationToken, String)> {
     let secret = secrets::generate(secrets::REGISTRATION_TOKEN_PREFIX);
-    let expires_at = Utc::now() + chrono::Duration::from_std(new.ttl).unwrap_or(chrono::Duration::hours(1));
+    let expires_at =
+        Utc::now() + chrono::Duration::from_std(new.ttl).unwrap_or(chrono::Duration::hours(1));
     let token = diesel::insert_into(registration_tokens::table)
         .values((
             registration_tokens::id.eq(RegistrationTokenId::new().as_uuid()),
@@ -145,7 +146,10 @@ pub async fn register(
         let Some((token_id, org_id, token_labels)) = used else {
             let found: Option<(Option<DateTime<Utc>>, DateTime<Utc>)> = registration_tokens::table
                 .filter(registration_tokens::token_hash.eq(&hash))
-                .select((registration_tokens::revoked_at, registration_tokens::expires_at))
+                .select((
+                    registration_tokens::revoked_at,
+                    registration_tokens::expires_at,
+                ))
                 .first(conn)
                 .await
                 .optional()?;
@@ -222,7 +226,10 @@ pub async fn set_status(conn: &mut PgConn, id: AgentId, status: AgentStatus) -> 
     let updated = diesel::update(agents::table)
         .filter(agents::id.eq(id.as_uuid()))
         .filter(agents::status.ne(AgentStatus::Revoked.as_str()))
-        .set((agents::status.eq(status.as_str()), agents::last_seen_at.eq(diesel::dsl::now)))
+        .set((
+            agents::status.eq(status.as_str()),
+            agents::last_seen_at.eq(diesel::dsl::now),
+        ))
         .returning(Agent::as_returning())
         .get_result(conn)
         .await

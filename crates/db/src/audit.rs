@@ -53,7 +53,12 @@ pub async fn record(conn: &mut PgConn, event: Record<'_>) -> DbResult<()> {
 }
 
 /// Newest first, keyset-paged by id.
-pub async fn list(conn: &mut PgConn, org: &OrgId, before: Option<Uuid>, limit: u32) -> DbResult<Vec<AuditEvent>> {
+pub async fn list(
+    conn: &mut PgConn,
+    org: &OrgId,
+    before: Option<Uuid>,
+    limit: u32,
+) -> DbResult<Vec<AuditEvent>> {
     let mut query = audit_events::table
         .filter(audit_events::org_id.eq(org.as_str()))
         .select(AuditEvent::as_select())

@@ -89,9 +89,13 @@ impl Job {
 }
 
 pub(crate) fn parse_cancel_reason(raw: &str) -> Option<CancelReason> {
-    [CancelReason::User, CancelReason::RunTimeout, CancelReason::Deadline]
-        .into_iter()
-        .find(|r| r.as_str() == raw)
+    [
+        CancelReason::User,
+        CancelReason::RunTimeout,
+        CancelReason::Deadline,
+    ]
+    .into_iter()
+    .find(|r| r.as_str() == raw)
 }
 
 #[derive(Insertable)]
@@ -162,7 +166,10 @@ pub async fn create_jobs(
     let now = Utc::now();
     let mut rows = Vec::with_capacity(new_jobs.len());
     for job in new_jobs {
-        let requires_approval = ctx.settings.approval_policy.requires_approval(job.requires_approval);
+        let requires_approval = ctx
+            .settings
+            .approval_policy
+            .requires_approval(job.requires_approval);
         let status = if requires_approval {
             JobStatus::PendingApproval
         } else {
@@ -327,10 +334,12 @@ pub(crate) async fn explain_refusal(
         Ok(Some((status, current))) => {
             let status: JobStatus = status.parse().unwrap_or(JobStatus::Failed);
             match epoch {
-                Some(given) if given != current as u64 => DbError::Domain(DomainError::StaleEpoch {
-                    given,
-                    current: current as u64,
-                }),
+                Some(given) if given != current as u64 => {
+                    DbError::Domain(DomainError::StaleEpoch {
+                        given,
+                        current: current as u64,
+                    })
+                }
                 _ => DbError::Domain(DomainError::InvalidTransition {
                     from: status,
                     action: action.verb(),

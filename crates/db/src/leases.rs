@@ -103,7 +103,12 @@ pub async fn lease_job(
 
 /// The agent acknowledged the assignment: the job is running, the lease
 /// now lasts `lease_ttl` and is extended by heartbeats.
-pub async fn start(conn: &mut PgConn, job: JobId, epoch: u64, lease_ttl: Duration) -> DbResult<Job> {
+pub async fn start(
+    conn: &mut PgConn,
+    job: JobId,
+    epoch: u64,
+    lease_ttl: Duration,
+) -> DbResult<Job> {
     let updated: Option<Job> = diesel::update(jobs::table)
         .filter(jobs::id.eq(job.as_uuid()))
         .filter(jobs::lease_epoch.eq(epoch as i64))
@@ -176,13 +181,21 @@ pub async fn extend_leases(
 #[derive(QueryableByName)]
 struct Finished {
     #[diesel(sql_type = SqlUuid)]
-    #[expect(dead_code, reason = "RETURNING needs a column; the row count is what matters")]
+    #[expect(
+        dead_code,
+        reason = "RETURNING needs a column; the row count is what matters"
+    )]
     id: Uuid,
 }
 
 /// Records success in one statement: the job, its attempt row and its
 /// concurrency slot change together, only if `epoch` is still current.
-pub async fn succeed(conn: &mut PgConn, job: JobId, epoch: u64, exit_code: Option<i32>) -> DbResult<()> {
+pub async fn succeed(
+    conn: &mut PgConn,
+    job: JobId,
+    epoch: u64,
+    exit_code: Option<i32>,
+) -> DbResult<()> {
     let done: Option<Finished> = diesel::sql_query(
         "WITH done AS ( \
             UPDATE jobs SET status = 'succeeded', exit_code = $3, error_kind = NULL, \
@@ -250,7 +263,12 @@ async fn lock_job(conn: &mut PgConn, job: JobId) -> DbResult<Job> {
 /// or timed out. The lease's concurrency slot is freed in the same
 /// transaction. `epoch: None` is for the platform's own forced endings,
 /// which act on whatever lease is current.
-pub async fn end_attempt(conn: &mut PgConn, job: JobId, epoch: Option<u64>, ending: Ending) -> DbResult<Ended> {
+pub async fn end_attempt(
+    conn: &mut PgConn,
+    job: JobId,
+    epoch: Option<u64>,
+    ending: Ending,
+) -> DbResult<Ended> {
     let unit: f64 = rand::random();
     conn.transaction(async |conn| {
         let row = lock_job(conn, job).await?;
@@ -295,8 +313,10 @@ pub async fn end_attempt(conn: &mut PgConn, job: JobId, epoch: Option<u64>, endi
         };
         let next = after.next;
         let now = Utc::now();
-        let retry_at = (next.status == JobStatus::Queued)
-            .then(|| now + chrono::Duration::from_std(after.retry_after.unwrap_or_default()).unwrap_or_default());
+        let retry_at = (next.status == JobStatus::Queued).then(|| {
+            now + chrono::Duration::from_std(after.retry_after.unwrap_or_default())
+                .unwrap_or_default()
+        });
         let (exit_code, error_kind, message) = match &ending {
             Ending::Failed {
                 exit_code,
@@ -308,12 +328,24 @@ pub async fn end_attempt(conn: &mut PgConn, job: JobId, epoch: Option<u64>, endi
                 Some(format!("{reason:?}").to_lowercase()),
                 Some("the lease was lost".to_owned()),
             ),
-            _ => (row.exit_code, row.error_kind.clone(), row.error_message.clone()),
+            _ => (
+                row.exit_code,
+                row.error_kind.clone(),
+                row.error_message.clone(),
+            ),
         };
         let outcome = attempt_outcome(&ending, &now_state, &next);
         // A lease never acknowledged is not an attempt: no history row.
         if now_state.status != JobStatus::Leased || outcome != "released" {
-            record_attempt(conn, &row, outcome, exit_code, error_kind.as_deref(), message.as_deref()).await?;
+            record_attempt(
+                conn,
+                &row,
+                outcome,
+                exit_code,
+                error_kind.as_deref(),
+                message.as_deref(),
+            )
+            .await?;
         }
         diesel::sql_query("DELETE FROM concurrency_slots WHERE job_id = $1")
             .bind::<SqlUuid, _>(job.as_uuid())
@@ -429,13 +461,20 @@ pub enum OperatorAction {
     Approve,
     Reject,
     /// Cancel; a leased job gets `grace` to stop before the cancel is forced.
-    Cancel { grace: Duration },
+    Cancel {
+        grace: Duration,
+    },
     Retry,
     Redrive,
 }
 
 /// Applies an operator action to a job of `org` and returns the new row.
-pub async fn operate(conn: &mut PgConn, org: &OrgId, job: JobId, action: OperatorAction) -> DbResult<Job> {
+pub async fn operate(
+    conn: &mut PgConn,
+    org: &OrgId,
+    job: JobId,
+    action: OperatorAction,
+) -> DbResult<Job> {
     conn.transaction(async |conn| {
         let row: Job = jobs::table
             .filter(jobs::org_id.eq(org.as_str()))
@@ -460,7 +499,8 @@ pub async fn operate(conn: &mut PgConn, org: &OrgId, job: JobId, action: Operato
             diesel::update(jobs::table.find(job.as_uuid()))
                 .set((
                     jobs::cancel_requested_at.eq(now),
-                    jobs::cancel_deadline_at.eq(now + chrono::Duration::from_std(grace).unwrap_or_default()),
+                    jobs::cancel_deadline_at
+                        .eq(now + chrono::Duration::from_std(grace).unwrap_or_default()),
                 ))
                 .execute(conn)
                 .await?;

@@ -18,9 +18,9 @@ pub mod repositories;
 pub mod schema;
 pub mod secrets;
 
+pub use diesel_async::AsyncPgConnection as PgConn;
 pub use error::DbError;
 pub use migrations::{MIGRATIONS, migrations_fingerprint, run_migrations};
-pub use diesel_async::AsyncPgConnection as PgConn;
 pub use pool::{Db, PoolConfig, PooledConn};
 
 pub type DbResult<T> = Result<T, DbError>;

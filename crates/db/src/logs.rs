@@ -79,7 +79,10 @@ pub async fn append(
             .into());
         }
         diesel::insert_into(job_log_heads::table)
-            .values((job_log_heads::job_id.eq(job.as_uuid()), job_log_heads::epoch.eq(epoch as i64)))
+            .values((
+                job_log_heads::job_id.eq(job.as_uuid()),
+                job_log_heads::epoch.eq(epoch as i64),
+            ))
             .on_conflict_do_nothing()
             .execute(conn)
             .await?;
@@ -94,7 +97,11 @@ pub async fn append(
             .first(conn)
             .await?;
         // Byte offsets count within one attempt; a new epoch starts at 0.
-        let committed = if head_epoch == epoch as i64 { committed as u64 } else { 0 };
+        let committed = if head_epoch == epoch as i64 {
+            committed as u64
+        } else {
+            0
+        };
         if start_offset > committed {
             return Ok(Err(OffsetGap {
                 given: start_offset,
@@ -154,13 +161,23 @@ struct LineRow {
 }
 
 /// Lines with `seq > after_seq`, in order, at most `limit`.
-pub async fn read(conn: &mut PgConn, job: JobId, after_seq: i64, limit: u32) -> DbResult<Vec<LogLine>> {
+pub async fn read(
+    conn: &mut PgConn,
+    job: JobId,
+    after_seq: i64,
+    limit: u32,
+) -> DbResult<Vec<LogLine>> {
     let rows: Vec<LineRow> = job_logs::table
         .filter(job_logs::job_id.eq(job.as_uuid()))
         .filter(job_logs::seq.gt(after_seq))
         .order(job_logs::seq.asc())
         .limit(i64::from(limit))
-        .select((job_logs::seq, job_logs::stream, job_logs::at, job_logs::line))
+        .select((
+            job_logs::seq,
+            job_logs::stream,
+            job_logs::at,
+            job_logs::line,
+        ))
         .load(conn)
         .await?;
     Ok(rows

@@ -10,7 +10,7 @@ use domain::org::{ApprovalPolicy, OrgSettings};
 use domain::retry::RetryPolicy;
 
 use crate::schema::{jobs, org_settings, orgs};
-use crate::{PgConn, DbResult};
+use crate::{DbResult, PgConn};
 
 /// Makes sure the org exists (idempotent), refreshing its display name.
 pub async fn ensure_org(conn: &mut PgConn, org: &OrgId, name: Option<&str>) -> DbResult<()> {
@@ -18,9 +18,9 @@ pub async fn ensure_org(conn: &mut PgConn, org: &OrgId, name: Option<&str>) -> D
         .values((orgs::id.eq(org.as_str()), orgs::name.eq(name)))
         .on_conflict(orgs::id)
         .do_update()
-        .set(orgs::name.eq(diesel::dsl::sql::<diesel::sql_types::Nullable<diesel::sql_types::Text>>(
-            "COALESCE(excluded.name, orgs.name)",
-        )))
+        .set(orgs::name.eq(diesel::dsl::sql::<
+            diesel::sql_types::Nullable<diesel::sql_types::Text>,
+        >("COALESCE(excluded.name, orgs.name)")))
         .execute(conn)
         .await?;
     Ok(())

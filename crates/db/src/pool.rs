@@ -72,6 +72,9 @@ impl Db {
     /// Connections in use and the pool's size, for saturation metrics.
     pub fn pool_usage(&self) -> (usize, usize) {
         let status = self.pool.status();
-        (status.size - status.available.min(status.size), status.max_size)
+        (
+            status.size - status.available.min(status.size),
+            status.max_size,
+        )
     }
 }

@@ -9,7 +9,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::schema::repositories;
-use crate::{PgConn, DbError, DbResult};
+use crate::{DbError, DbResult, PgConn};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Queryable, Selectable)]
 #[diesel(table_name = repositories)]

@@ -127,7 +127,13 @@ mod tests {
         assert!(!can_take(AgentStatus::Online, &offered, 2, 2, &needs_gpu));
         assert!(!can_take(AgentStatus::Draining, &offered, 2, 0, &needs_gpu));
         assert!(!can_take(AgentStatus::Offline, &offered, 2, 0, &needs_gpu));
-        assert!(!can_take(AgentStatus::Online, &offered, 2, 0, &Labels::new(["tpu"])));
+        assert!(!can_take(
+            AgentStatus::Online,
+            &offered,
+            2,
+            0,
+            &Labels::new(["tpu"])
+        ));
     }
 
     #[test]

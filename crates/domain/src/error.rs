@@ -8,7 +8,10 @@ use crate::validation::FieldError;
 pub enum DomainError {
     /// The job's current state does not allow the requested change.
     #[error("a job that is {from} cannot {action}")]
-    InvalidTransition { from: JobStatus, action: &'static str },
+    InvalidTransition {
+        from: JobStatus,
+        action: &'static str,
+    },
 
     /// A write carried a lease epoch that is no longer current. It changes
     /// nothing; the writer must stop working on the job.

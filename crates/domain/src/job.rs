@@ -177,7 +177,11 @@ impl Labels {
             errors.push(field, format!("at most {} labels", limits::LABELS_MAX));
         }
         for (i, label) in self.0.iter().enumerate() {
-            errors.check(check_token(&format!("{field}[{i}]"), label, limits::LABEL_MAX_LEN));
+            errors.check(check_token(
+                &format!("{field}[{i}]"),
+                label,
+                limits::LABEL_MAX_LEN,
+            ));
         }
     }
 
@@ -265,14 +269,16 @@ impl NewJob {
                 );
             }
         }
-        if let Err(crate::DomainError::Invalid(list)) = self.retry_policy.validate("retry_policy")
-        {
+        if let Err(crate::DomainError::Invalid(list)) = self.retry_policy.validate("retry_policy") {
             for e in list {
                 errors.push(e.field, e.message);
             }
         }
         for (field, value) in [
-            ("timeouts.schedule_to_start_ms", self.timeouts.schedule_to_start_ms),
+            (
+                "timeouts.schedule_to_start_ms",
+                self.timeouts.schedule_to_start_ms,
+            ),
             ("timeouts.run_timeout_ms", self.timeouts.run_timeout_ms),
             ("timeouts.deadline_ms", self.timeouts.deadline_ms),
         ] {
@@ -364,7 +370,10 @@ mod tests {
 
     #[test]
     fn exactly_five_statuses_are_terminal() {
-        let terminal: Vec<_> = JobStatus::ALL.into_iter().filter(|s| s.is_terminal()).collect();
+        let terminal: Vec<_> = JobStatus::ALL
+            .into_iter()
+            .filter(|s| s.is_terminal())
+            .collect();
         assert_eq!(terminal.len(), 5);
         assert!(terminal.iter().all(|s| !s.holds_lease()));
     }

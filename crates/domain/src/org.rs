@@ -68,7 +68,10 @@ impl OrgSettings {
     pub fn validate(&self) -> Result<(), crate::DomainError> {
         let mut errors = Errors::default();
         if self.max_concurrent_jobs == Some(0) {
-            errors.push("max_concurrent_jobs", "must be at least 1, or null for unlimited");
+            errors.push(
+                "max_concurrent_jobs",
+                "must be at least 1, or null for unlimited",
+            );
         }
         if let Err(crate::DomainError::Invalid(list)) =
             self.default_retry_policy.validate("default_retry_policy")
@@ -134,7 +137,9 @@ mod tests {
     #[test]
     fn rework_is_served_before_backlog_by_default() {
         let settings = OrgSettings::default();
-        assert!(settings.queue_rank(&QueueName::rework()) < settings.queue_rank(&QueueName::backlog()));
+        assert!(
+            settings.queue_rank(&QueueName::rework()) < settings.queue_rank(&QueueName::backlog())
+        );
         let other = QueueName::parse("nightly").expect("valid");
         assert_eq!(settings.queue_rank(&other), 2);
     }

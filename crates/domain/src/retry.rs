@@ -147,7 +147,10 @@ impl RetryPolicy {
     pub fn validate(&self, field: &str) -> Result<(), crate::DomainError> {
         let mut errors = Errors::default();
         if self.initial_interval_ms > limits::DURATION_MAX_MS {
-            errors.push(format!("{field}.initial_interval_ms"), "must be at most 30 days");
+            errors.push(
+                format!("{field}.initial_interval_ms"),
+                "must be at most 30 days",
+            );
         }
         if !self.backoff_coefficient.is_finite()
             || self.backoff_coefficient < 1.0
@@ -159,7 +162,10 @@ impl RetryPolicy {
             );
         }
         if self.maximum_interval_ms > limits::DURATION_MAX_MS {
-            errors.push(format!("{field}.maximum_interval_ms"), "must be at most 30 days");
+            errors.push(
+                format!("{field}.maximum_interval_ms"),
+                "must be at most 30 days",
+            );
         }
         if self.maximum_interval_ms != 0 && self.maximum_interval_ms < self.initial_interval_ms {
             errors.push(
@@ -177,7 +183,10 @@ impl RetryPolicy {
             );
         }
         if self.non_retryable_error_kinds.len() > 64
-            || self.non_retryable_error_kinds.iter().any(|k| k.is_empty() || k.len() > 128)
+            || self
+                .non_retryable_error_kinds
+                .iter()
+                .any(|k| k.is_empty() || k.len() > 128)
         {
             errors.push(
                 format!("{field}.non_retryable_error_kinds"),

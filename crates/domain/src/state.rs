@@ -291,7 +291,9 @@ impl Lifecycle {
     }
 
     fn after_failure(&self, failure: &Failure, policy: &RetryPolicy, unit: f64) -> AfterFailure {
-        if let Some(reason) = self.cancel_reason.filter(|_| self.status == JobStatus::CancelRequested)
+        if let Some(reason) = self
+            .cancel_reason
+            .filter(|_| self.status == JobStatus::CancelRequested)
         {
             return AfterFailure {
                 next: self.with_status(reason.final_status()),
@@ -319,7 +321,9 @@ impl Lifecycle {
     pub fn request_cancel(&self) -> Result<Self, DomainError> {
         self.check(Action::RequestCancel)?;
         Ok(match self.status {
-            JobStatus::PendingApproval | JobStatus::Queued => self.with_status(JobStatus::Cancelled),
+            JobStatus::PendingApproval | JobStatus::Queued => {
+                self.with_status(JobStatus::Cancelled)
+            }
             JobStatus::CancelRequested => self.clone(),
             _ => self.cancel_requested(CancelReason::User),
         })
@@ -436,7 +440,9 @@ mod tests {
             Action::RequestCancel => state.request_cancel(),
             Action::AcknowledgeCancel => state.acknowledge_cancel(epoch),
             Action::ForceCancel => state.force_cancel(),
-            Action::ExpireLease => state.expire_lease(epoch, &LOST, &policy, 0.5).map(|a| a.next),
+            Action::ExpireLease => state
+                .expire_lease(epoch, &LOST, &policy, 0.5)
+                .map(|a| a.next),
             Action::ScheduleToStartTimeout => state.schedule_to_start_timeout(),
             Action::RunTimeout => state.run_timeout(epoch),
             Action::DeadlineExceeded => state.deadline_exceeded(),
@@ -478,18 +484,24 @@ mod tests {
         assert_eq!(running.succeed(4), stale);
         assert_eq!(running.release(4), stale);
         assert_eq!(running.run_timeout(4), stale);
-        assert_eq!(
-            running.fail(4, &APP, &policy, 0.1).map(|a| a.next),
-            stale
-        );
+        assert_eq!(running.fail(4, &APP, &policy, 0.1).map(|a| a.next), stale);
         assert_eq!(
             running.expire_lease(4, &LOST, &policy, 0.1).map(|a| a.next),
             stale
         );
-        assert_eq!(at(JobStatus::Leased, 5).start(6), Err(DomainError::StaleEpoch { given: 6, current: 5 }));
+        assert_eq!(
+            at(JobStatus::Leased, 5).start(6),
+            Err(DomainError::StaleEpoch {
+                given: 6,
+                current: 5
+            })
+        );
         assert_eq!(
             at(JobStatus::CancelRequested, 5).acknowledge_cancel(1),
-            Err(DomainError::StaleEpoch { given: 1, current: 5 })
+            Err(DomainError::StaleEpoch {
+                given: 1,
+                current: 5
+            })
         );
     }
 
@@ -497,7 +509,10 @@ mod tests {
     fn the_happy_path() {
         let job = Lifecycle::new(JobStatus::PendingApproval);
         let job = job.approve().and_then(|j| j.lease()).expect("lease");
-        assert_eq!((job.status, job.epoch, job.attempt()), (JobStatus::Leased, 1, 1));
+        assert_eq!(
+            (job.status, job.epoch, job.attempt()),
+            (JobStatus::Leased, 1, 1)
+        );
         let job = job.start(1).and_then(|j| j.succeed(1)).expect("succeed");
         assert_eq!(job.status, JobStatus::Succeeded);
     }
@@ -514,14 +529,21 @@ mod tests {
         assert_eq!(first.next.status, JobStatus::Queued);
         assert!(first.retry_after.is_some());
         assert_eq!(first.next.attempt(), 2);
-        job = first.next.lease().and_then(|j| j.start(2)).expect("second attempt");
+        job = first
+            .next
+            .lease()
+            .and_then(|j| j.start(2))
+            .expect("second attempt");
         let second = job.fail(2, &APP, &policy, 0.5).expect("fail");
         assert_eq!(second.next.status, JobStatus::Dead);
         assert_eq!(second.retry_after, None);
         let redriven = second.next.redrive().expect("redrive");
         assert_eq!(redriven.status, JobStatus::Queued);
         assert_eq!(redriven.failures, FailureCounts::default());
-        assert_eq!(redriven.epoch, 2, "redrive keeps the epoch so old writers stay stale");
+        assert_eq!(
+            redriven.epoch, 2,
+            "redrive keeps the epoch so old writers stay stale"
+        );
     }
 
     #[test]
@@ -532,7 +554,11 @@ mod tests {
         assert_eq!(expired.next.status, JobStatus::Queued);
         assert_eq!(expired.next.failures, FailureCounts::default());
         assert_eq!(expired.next.attempt(), 1);
-        let released = expired.next.lease().and_then(|j| j.release(2)).expect("release");
+        let released = expired
+            .next
+            .lease()
+            .and_then(|j| j.release(2))
+            .expect("release");
         assert_eq!(released.attempt(), 1);
     }
 
@@ -543,7 +569,9 @@ mod tests {
             ..RetryPolicy::default()
         };
         let running = at(JobStatus::Running, 1);
-        let after = running.expire_lease(1, &LOST, &policy, 0.5).expect("expire");
+        let after = running
+            .expire_lease(1, &LOST, &policy, 0.5)
+            .expect("expire");
         assert_eq!(after.next.status, JobStatus::Queued);
         assert_eq!(after.next.failures.infrastructure, 1);
         assert_eq!(after.next.failures.application, 0);
@@ -552,21 +580,38 @@ mod tests {
     #[test]
     fn cancellation_is_a_state_machine() {
         let queued = at(JobStatus::Queued, 0);
-        assert_eq!(queued.request_cancel().map(|j| j.status), Ok(JobStatus::Cancelled));
+        assert_eq!(
+            queued.request_cancel().map(|j| j.status),
+            Ok(JobStatus::Cancelled)
+        );
 
         let running = at(JobStatus::Running, 2);
         let requested = running.request_cancel().expect("request");
         assert_eq!(requested.status, JobStatus::CancelRequested);
-        assert_eq!(requested.request_cancel(), Ok(requested.clone()), "idempotent");
+        assert_eq!(
+            requested.request_cancel(),
+            Ok(requested.clone()),
+            "idempotent"
+        );
         assert_eq!(
             requested.acknowledge_cancel(2).map(|j| j.status),
             Ok(JobStatus::Cancelled)
         );
-        assert_eq!(requested.force_cancel().map(|j| j.status), Ok(JobStatus::Cancelled));
+        assert_eq!(
+            requested.force_cancel().map(|j| j.status),
+            Ok(JobStatus::Cancelled)
+        );
         let policy = RetryPolicy::default();
         let failed_meanwhile = requested.fail(2, &APP, &policy, 0.5).expect("fail");
-        assert_eq!(failed_meanwhile.next.status, JobStatus::Cancelled, "no retry after cancel");
-        assert_eq!(requested.succeed(2).map(|j| j.status), Ok(JobStatus::Succeeded));
+        assert_eq!(
+            failed_meanwhile.next.status,
+            JobStatus::Cancelled,
+            "no retry after cancel"
+        );
+        assert_eq!(
+            requested.succeed(2).map(|j| j.status),
+            Ok(JobStatus::Succeeded)
+        );
     }
 
     #[test]
@@ -574,18 +619,28 @@ mod tests {
         let running = at(JobStatus::Running, 1);
         let cancelling = running.run_timeout(1).expect("run timeout");
         assert_eq!(cancelling.cancel_reason, Some(CancelReason::RunTimeout));
-        assert_eq!(cancelling.force_cancel().map(|j| j.status), Ok(JobStatus::TimedOut));
         assert_eq!(
-            at(JobStatus::Queued, 0).schedule_to_start_timeout().map(|j| j.status),
+            cancelling.force_cancel().map(|j| j.status),
             Ok(JobStatus::TimedOut)
         );
         assert_eq!(
-            at(JobStatus::Queued, 0).deadline_exceeded().map(|j| j.status),
+            at(JobStatus::Queued, 0)
+                .schedule_to_start_timeout()
+                .map(|j| j.status),
+            Ok(JobStatus::TimedOut)
+        );
+        assert_eq!(
+            at(JobStatus::Queued, 0)
+                .deadline_exceeded()
+                .map(|j| j.status),
             Ok(JobStatus::TimedOut)
         );
         let past_deadline = running.deadline_exceeded().expect("deadline");
         assert_eq!(past_deadline.status, JobStatus::CancelRequested);
-        assert_eq!(past_deadline.acknowledge_cancel(1).map(|j| j.status), Ok(JobStatus::TimedOut));
+        assert_eq!(
+            past_deadline.acknowledge_cancel(1).map(|j| j.status),
+            Ok(JobStatus::TimedOut)
+        );
     }
 
     #[test]
@@ -597,7 +652,9 @@ mod tests {
         let failure = Failure::Application {
             error_kind: Some("invalid_repo".into()),
         };
-        let after = at(JobStatus::Running, 1).fail(1, &failure, &policy, 0.5).expect("fail");
+        let after = at(JobStatus::Running, 1)
+            .fail(1, &failure, &policy, 0.5)
+            .expect("fail");
         assert_eq!(after.next.status, JobStatus::Failed);
     }
 
@@ -636,7 +693,9 @@ mod tests {
             Action::Succeed => state.succeed(epoch),
             Action::Fail => state.fail(epoch, &failure, policy, unit).map(|a| a.next),
             Action::AcknowledgeCancel => state.acknowledge_cancel(epoch),
-            Action::ExpireLease => state.expire_lease(epoch, &failure, policy, unit).map(|a| a.next),
+            Action::ExpireLease => state
+                .expire_lease(epoch, &failure, policy, unit)
+                .map(|a| a.next),
             Action::RunTimeout => state.run_timeout(epoch),
             other => apply(state, other),
         }
@@ -665,46 +724,43 @@ mod tests {
             });
             for event in &events {
                 let before = state.clone();
-                match step(&before, event, &policy, unit) {
-                    Ok(next) => {
-                        // A terminal job never changes, except by an operator's retry/redrive.
-                        if before.status.is_terminal() {
-                            prop_assert!(event.action.reopens_terminal(),
-                                "{:?} changed terminal {}", event.action, before.status);
-                        }
-                        // An epoch never decreases, and only a lease raises it (by one).
-                        if event.action == Action::Lease {
-                            prop_assert_eq!(next.epoch, before.epoch + 1);
-                        } else {
-                            prop_assert_eq!(next.epoch, before.epoch);
-                        }
-                        // Fenced writes succeed only with the current epoch.
-                        if event.action.is_fenced() {
-                            let given = before.epoch.saturating_add_signed(event.epoch_skew as i64);
-                            prop_assert_eq!(given, before.epoch);
-                        }
-                        // Attempts never exceed their budgets.
-                        if max_app > 0 {
-                            prop_assert!(next.failures.application <= max_app);
-                        }
-                        if max_infra > 0 {
-                            prop_assert!(next.failures.infrastructure <= max_infra);
-                        }
-                        // A job holding a lease has been leased at least once.
-                        if next.status.holds_lease() {
-                            prop_assert!(next.epoch >= 1);
-                        }
-                        // A job queued again after a spent budget is impossible.
-                        if next.status == JobStatus::Dead {
-                            prop_assert!(
-                                (max_app > 0 && next.failures.application >= max_app)
-                                || (max_infra > 0 && next.failures.infrastructure >= max_infra)
-                            );
-                        }
-                        state = next;
+                // A rejected event changes nothing: transitions take `&self`.
+                if let Ok(next) = step(&before, event, &policy, unit) {
+                    // A terminal job never changes, except by an operator's retry/redrive.
+                    if before.status.is_terminal() {
+                        prop_assert!(event.action.reopens_terminal(),
+                            "{:?} changed terminal {}", event.action, before.status);
                     }
-                    // A rejected event changes nothing: transitions take `&self`.
-                    Err(_) => {}
+                    // An epoch never decreases, and only a lease raises it (by one).
+                    if event.action == Action::Lease {
+                        prop_assert_eq!(next.epoch, before.epoch + 1);
+                    } else {
+                        prop_assert_eq!(next.epoch, before.epoch);
+                    }
+                    // Fenced writes succeed only with the current epoch.
+                    if event.action.is_fenced() {
+                        let given = before.epoch.saturating_add_signed(event.epoch_skew as i64);
+                        prop_assert_eq!(given, before.epoch);
+                    }
+                    // Attempts never exceed their budgets.
+                    if max_app > 0 {
+                        prop_assert!(next.failures.application <= max_app);
+                    }
+                    if max_infra > 0 {
+                        prop_assert!(next.failures.infrastructure <= max_infra);
+                    }
+                    // A job holding a lease has been leased at least once.
+                    if next.status.holds_lease() {
+                        prop_assert!(next.epoch >= 1);
+                    }
+                    // A job goes dead only once a budget is spent.
+                    if next.status == JobStatus::Dead {
+                        prop_assert!(
+                            (max_app > 0 && next.failures.application >= max_app)
+                            || (max_infra > 0 && next.failures.infrastructure >= max_infra)
+                        );
+                    }
+                    state = next;
                 }
             }
         }

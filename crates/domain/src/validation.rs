@@ -60,7 +60,9 @@ pub fn check_token(field: &str, value: &str, max_len: usize) -> Result<(), Field
         .next()
         .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
     let rest_ok = chars.all(|c| {
-        c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-' | ':' | '/' | '=')
+        c.is_ascii_lowercase()
+            || c.is_ascii_digit()
+            || matches!(c, '.' | '_' | '-' | ':' | '/' | '=')
     });
     if !first_ok || !rest_ok || value.len() > max_len {
         return Err(FieldError::new(
@@ -85,7 +87,10 @@ pub fn check_name(field: &str, value: &str) -> Result<(), FieldError> {
         ));
     }
     if value.chars().any(char::is_control) {
-        return Err(FieldError::new(field, "must not contain control characters"));
+        return Err(FieldError::new(
+            field,
+            "must not contain control characters",
+        ));
     }
     Ok(())
 }

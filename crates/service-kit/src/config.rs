@@ -88,10 +88,17 @@ impl<F: Fn(&str) -> Option<String>> Source for F {
 }
 
 fn present(source: &dyn Source, name: &str) -> Option<String> {
-    source.get(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
+    source
+        .get(name)
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
 }
 
-pub fn required(source: &dyn Source, name: &'static str, example: &str) -> Result<String, ConfigError> {
+pub fn required(
+    source: &dyn Source,
+    name: &'static str,
+    example: &str,
+) -> Result<String, ConfigError> {
     present(source, name).ok_or_else(|| ConfigError {
         variable: name,
         problem: format!("is required (for example {example})"),
@@ -117,7 +124,11 @@ where
     }
 }
 
-pub fn address(source: &dyn Source, name: &'static str, default: &str) -> Result<SocketAddr, ConfigError> {
+pub fn address(
+    source: &dyn Source,
+    name: &'static str,
+    default: &str,
+) -> Result<SocketAddr, ConfigError> {
     let raw = present(source, name).unwrap_or_else(|| default.to_owned());
     raw.parse().map_err(|_| ConfigError {
         variable: name,
@@ -126,7 +137,11 @@ pub fn address(source: &dyn Source, name: &'static str, default: &str) -> Result
 }
 
 pub fn flag(source: &dyn Source, name: &'static str) -> Result<bool, ConfigError> {
-    match present(source, name).as_deref().map(str::to_ascii_lowercase).as_deref() {
+    match present(source, name)
+        .as_deref()
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
         None | Some("0" | "false" | "no" | "off") => Ok(false),
         Some("1" | "true" | "yes" | "on") => Ok(true),
         Some(other) => Err(ConfigError {
@@ -194,8 +209,16 @@ impl HttpConfig {
                 "HTTP_CLIENT_REQUEST_TIMEOUT_MS",
                 10_000u64,
             )?),
-            request_timeout: Duration::from_secs(parsed(source, "HTTP_REQUEST_TIMEOUT_SECS", 30u64)?),
-            shutdown_timeout: Duration::from_secs(parsed(source, "HTTP_SHUTDOWN_TIMEOUT_SECS", 25u64)?),
+            request_timeout: Duration::from_secs(parsed(
+                source,
+                "HTTP_REQUEST_TIMEOUT_SECS",
+                30u64,
+            )?),
+            shutdown_timeout: Duration::from_secs(parsed(
+                source,
+                "HTTP_SHUTDOWN_TIMEOUT_SECS",
+                25u64,
+            )?),
             workers,
         })
     }
@@ -212,7 +235,10 @@ pub struct CommonConfig {
 }
 
 impl CommonConfig {
-    pub fn from_source(service_name: &'static str, source: &dyn Source) -> Result<Self, ConfigError> {
+    pub fn from_source(
+        service_name: &'static str,
+        source: &dyn Source,
+    ) -> Result<Self, ConfigError> {
         let database_url = url_with_scheme(
             source,
             "DATABASE_URL",
@@ -229,7 +255,12 @@ impl CommonConfig {
         }
         database.acquire_timeout =
             Duration::from_millis(parsed(source, "DATABASE_ACQUIRE_TIMEOUT_MS", 5_000u64)?);
-        let redis_url = url_with_scheme(source, "REDIS_URL", &["redis", "rediss"], "redis://127.0.0.1:6379")?;
+        let redis_url = url_with_scheme(
+            source,
+            "REDIS_URL",
+            &["redis", "rediss"],
+            "redis://127.0.0.1:6379",
+        )?;
         let prefix = optional(source, "REDIS_KEY_PREFIX").unwrap_or_else(|| "sy:".to_owned());
         let log_format = match optional(source, "LOG_FORMAT") {
             None => LogFormat::Json,
@@ -260,7 +291,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         move |name: &str| map.get(name).cloned()
     }
 
@@ -281,9 +315,14 @@ mod tests {
 
     #[test]
     fn a_missing_variable_is_named() {
-        let error = CommonConfig::from_source("t", &env(&[("REDIS_URL", "redis://x")])).expect_err("fails");
+        let error =
+            CommonConfig::from_source("t", &env(&[("REDIS_URL", "redis://x")])).expect_err("fails");
         assert_eq!(error.variable, "DATABASE_URL");
-        assert!(error.to_string().starts_with("configuration: DATABASE_URL is required"));
+        assert!(
+            error
+                .to_string()
+                .starts_with("configuration: DATABASE_URL is required")
+        );
     }
 
     #[test]
@@ -304,7 +343,9 @@ mod tests {
         let mut pairs = MINIMAL.to_vec();
         pairs.push(("MIGRATE_ON_START", "maybe"));
         assert_eq!(
-            CommonConfig::from_source("t", &env(&pairs)).expect_err("fails").variable,
+            CommonConfig::from_source("t", &env(&pairs))
+                .expect_err("fails")
+                .variable,
             "MIGRATE_ON_START"
         );
     }
@@ -315,7 +356,10 @@ mod tests {
         for file in ["README.md", ".env.example"] {
             let text = std::fs::read_to_string(format!("{root}/{file}")).expect(file);
             for variable in VARIABLES {
-                assert!(text.contains(variable), "{file} does not mention {variable}");
+                assert!(
+                    text.contains(variable),
+                    "{file} does not mention {variable}"
+                );
             }
         }
     }
@@ -323,7 +367,12 @@ mod tests {
     #[test]
     fn addresses_must_be_socket_addresses() {
         let source = env(&[("JOB_API_ADDR", "localhost:80")]);
-        assert_eq!(address(&source, "JOB_API_ADDR", "127.0.0.1:8080").expect_err("fails").variable, "JOB_API_ADDR");
+        assert_eq!(
+            address(&source, "JOB_API_ADDR", "127.0.0.1:8080")
+                .expect_err("fails")
+                .variable,
+            "JOB_API_ADDR"
+        );
         let source = env(&[]);
         assert_eq!(
             address(&source, "JOB_API_ADDR", "127.0.0.1:8080").expect("default"),

@@ -39,15 +39,29 @@ async fn deadline_and_metrics(
                         .with_label_values(&["timeout", method.as_str(), "503"])
                         .inc();
                 }
-                let problem = Problem::new(StatusCode::SERVICE_UNAVAILABLE, "request-timeout", "Request timed out")
-                    .detail(format!("the server did not answer within {} s", limit.as_secs()));
-                return Err(actix_web::error::InternalError::from_response("request timed out", problem.response()).into());
+                let problem = Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "request-timeout",
+                    "Request timed out",
+                )
+                .detail(format!(
+                    "the server did not answer within {} s",
+                    limit.as_secs()
+                ));
+                return Err(actix_web::error::InternalError::from_response(
+                    "request timed out",
+                    problem.response(),
+                )
+                .into());
             }
         },
         None => call.await?.map_into_boxed_body(),
     };
     if let Some(ops) = ops {
-        let route = response.request().match_pattern().unwrap_or_else(|| "unmatched".to_owned());
+        let route = response
+            .request()
+            .match_pattern()
+            .unwrap_or_else(|| "unmatched".to_owned());
         let metrics = ops.http_metrics();
         metrics
             .requests

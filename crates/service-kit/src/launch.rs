@@ -17,7 +17,10 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{CommonConfig, ConfigError, ProcessEnv, Source};
 
 #[derive(Parser, Debug)]
-#[command(version, about = "A Switchyard service. Configuration comes from the environment; see the README.")]
+#[command(
+    version,
+    about = "A Switchyard service. Configuration comes from the environment; see the README."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -56,7 +59,10 @@ where
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");
@@ -85,7 +91,12 @@ where
                 return ExitCode::SUCCESS;
             }
         }
-        tracing::info!(service, version = env!("CARGO_PKG_VERSION"), commit = crate::GIT_COMMIT, "starting");
+        tracing::info!(
+            service,
+            version = env!("CARGO_PKG_VERSION"),
+            commit = crate::GIT_COMMIT,
+            "starting"
+        );
         match serve(config, crate::shutdown::on_signal()).await {
             Ok(()) => {
                 tracing::info!(service, "stopped");
@@ -127,5 +138,6 @@ impl Foundation {
 
 /// Binds a listener, naming the variable in the error if it cannot.
 pub fn bind(variable: &str, addr: std::net::SocketAddr) -> anyhow::Result<std::net::TcpListener> {
-    std::net::TcpListener::bind(addr).map_err(|e| anyhow::anyhow!("cannot listen on {variable}={addr}: {e}"))
+    std::net::TcpListener::bind(addr)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {variable}={addr}: {e}"))
 }

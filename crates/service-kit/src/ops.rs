@@ -14,7 +14,9 @@ use std::time::Duration;
 use actix_web::{HttpResponse, web};
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, join_all};
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
 use serde_json::json;
 
 /// Time one readiness probe may take.
@@ -83,19 +85,30 @@ pub struct Ops {
 
 impl Ops {
     pub fn new(service: &'static str, version: &'static str, checks: Vec<ReadinessCheck>) -> Self {
-        let registry = Registry::new_custom(Some("switchyard".into()), None).expect("metric registry prefix is valid");
+        let registry = Registry::new_custom(Some("switchyard".into()), None)
+            .expect("metric registry prefix is valid");
         #[cfg(target_os = "linux")]
         {
-            let _ = registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
+            let _ = registry.register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ));
         }
         let requests = IntCounterVec::new(
-            Opts::new("http_requests_total", "HTTP requests by route, method and status"),
+            Opts::new(
+                "http_requests_total",
+                "HTTP requests by route, method and status",
+            ),
             &["route", "method", "status"],
         )
         .expect("valid metric");
         let duration = HistogramVec::new(
-            HistogramOpts::new("http_request_duration_seconds", "HTTP request latency by route")
-                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0]),
+            HistogramOpts::new(
+                "http_request_duration_seconds",
+                "HTTP request latency by route",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+            ]),
             &["route", "method"],
         )
         .expect("valid metric");
@@ -113,7 +126,11 @@ impl Ops {
 
     /// Also report the PostgreSQL pool's saturation on `/metrics`.
     pub fn with_pool_metrics(mut self, db: db::Db) -> Self {
-        let in_use = IntGauge::new("db_pool_connections_in_use", "PostgreSQL connections in use").expect("metric");
+        let in_use = IntGauge::new(
+            "db_pool_connections_in_use",
+            "PostgreSQL connections in use",
+        )
+        .expect("metric");
         let max = IntGauge::new("db_pool_connections_max", "PostgreSQL pool size").expect("metric");
         let _ = self.registry.register(Box::new(in_use.clone()));
         let _ = self.registry.register(Box::new(max.clone()));
@@ -136,7 +153,12 @@ impl Ops {
 
     /// Runs every readiness check concurrently.
     pub async fn readiness(&self) -> (bool, serde_json::Value) {
-        let results = join_all(self.checks.iter().map(|check| async move { (check.name, check.run().await) })).await;
+        let results = join_all(
+            self.checks
+                .iter()
+                .map(|check| async move { (check.name, check.run().await) }),
+        )
+        .await;
         let ready = results.iter().all(|(_, r)| r.is_ok());
         let checks: serde_json::Map<String, serde_json::Value> = results
             .into_iter()
@@ -148,7 +170,10 @@ impl Ops {
                 (name.to_owned(), value)
             })
             .collect();
-        (ready, json!({ "status": if ready { "ready" } else { "not_ready" }, "checks": checks }))
+        (
+            ready,
+            json!({ "status": if ready { "ready" } else { "not_ready" }, "checks": checks }),
+        )
     }
 
     pub fn render_metrics(&self) -> String {

@@ -49,6 +49,8 @@ impl Problem {
 
     pub fn response(&self) -> HttpResponse {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        HttpResponse::build(status).content_type(CONTENT_TYPE).json(self)
+        HttpResponse::build(status)
+            .content_type(CONTENT_TYPE)
+            .json(self)
     }
 }

@@ -54,8 +54,7 @@ impl Drop for TelemetryGuard {
     }
 }
 
-const DEFAULT_FILTER: &str =
-    "info,h2=warn,hyper=warn,tower=warn,tonic=warn,actix_server=warn,tokio_postgres=warn,opentelemetry=warn";
+const DEFAULT_FILTER: &str = "info,h2=warn,hyper=warn,tower=warn,tonic=warn,actix_server=warn,tokio_postgres=warn,opentelemetry=warn";
 
 /// Installs the global subscriber. Call once, at start-up, from `main`.
 pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard, String> {
@@ -98,7 +97,9 @@ pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard, String> {
                     .with_span_list(false),
             )
             .try_init(),
-        LogFormat::Compact => registry.with(tracing_subscriber::fmt::layer().compact()).try_init(),
+        LogFormat::Compact => registry
+            .with(tracing_subscriber::fmt::layer().compact())
+            .try_init(),
     };
     result.map_err(|e| e.to_string())?;
     Ok(TelemetryGuard { provider })
@@ -110,10 +111,12 @@ pub fn current_trace_context() -> Option<TraceContext> {
     let context = tracing::Span::current().context();
     let mut carrier: HashMap<String, String> = HashMap::new();
     TraceContextPropagator::new().inject_context(&context, &mut carrier);
-    carrier.remove("traceparent").map(|traceparent| TraceContext {
-        traceparent,
-        tracestate: carrier.remove("tracestate").filter(|s| !s.is_empty()),
-    })
+    carrier
+        .remove("traceparent")
+        .map(|traceparent| TraceContext {
+            traceparent,
+            tracestate: carrier.remove("tracestate").filter(|s| !s.is_empty()),
+        })
 }
 
 /// Makes `span` a child of the trace described by `trace` (from a bus

@@ -17,7 +17,9 @@ fn url_for(database: &str) -> String {
         Some((base, query)) => (base.to_owned(), Some(query.to_owned())),
         None => (admin.clone(), None),
     };
-    let prefix = base.rsplit_once('/').map_or(base.as_str(), |(prefix, _)| prefix);
+    let prefix = base
+        .rsplit_once('/')
+        .map_or(base.as_str(), |(prefix, _)| prefix);
     match query {
         Some(q) => format!("{prefix}/{database}?{q}"),
         None => format!("{prefix}/{database}"),
@@ -97,10 +99,12 @@ impl TestDb {
         let mut admin = AsyncPgConnection::establish(&admin_url())
             .await
             .expect("connect to TEST_DATABASE_URL");
-        sql_query(format!("CREATE DATABASE \"{name}\" TEMPLATE \"{template}\""))
-            .execute(&mut admin)
-            .await
-            .expect("clone template");
+        sql_query(format!(
+            "CREATE DATABASE \"{name}\" TEMPLATE \"{template}\""
+        ))
+        .execute(&mut admin)
+        .await
+        .expect("clone template");
         let url = url_for(&name);
         let mut config = db::PoolConfig::new(&url);
         config.max_size = 8;
@@ -126,7 +130,10 @@ impl Drop for TestDb {
         // Drop runs outside async; do the cleanup on a thread of its own.
         let name = std::mem::take(&mut self.name);
         let handle = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
                 return;
             };
             runtime.block_on(async move {

@@ -38,7 +38,12 @@ pub fn init_tracing() {
 
 /// Service settings pointing at this test's database and Redis prefix, with
 /// one HTTP worker and short timeouts.
-pub fn common_config(service: &'static str, db: &TestDb, redis_url: &str, redis_prefix: &str) -> service_kit::config::CommonConfig {
+pub fn common_config(
+    service: &'static str,
+    db: &TestDb,
+    redis_url: &str,
+    redis_prefix: &str,
+) -> service_kit::config::CommonConfig {
     let vars = [
         ("DATABASE_URL", db.url().to_owned()),
         ("DATABASE_POOL_SIZE", "8".to_owned()),
@@ -47,6 +52,10 @@ pub fn common_config(service: &'static str, db: &TestDb, redis_url: &str, redis_
         ("HTTP_WORKERS", "1".to_owned()),
         ("HTTP_SHUTDOWN_TIMEOUT_SECS", "2".to_owned()),
     ];
-    let lookup = move |name: &str| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone());
+    let lookup = move |name: &str| {
+        vars.iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.clone())
+    };
     service_kit::config::CommonConfig::from_source(service, &lookup).expect("test config")
 }

@@ -41,12 +41,19 @@ impl Drop for TestRedis {
         let url = self.url.clone();
         let pattern = format!("{}*", self.prefix);
         let handle = std::thread::spawn(move || {
-            let Ok(client) = redis::Client::open(url) else { return };
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            let Ok(client) = redis::Client::open(url) else {
+                return;
+            };
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
                 return;
             };
             runtime.block_on(async move {
-                let Ok(mut conn) = client.get_multiplexed_async_connection().await else { return };
+                let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+                    return;
+                };
                 let keys: Vec<String> = redis::cmd("KEYS")
                     .arg(&pattern)
                     .query_async(&mut conn)
@@ -94,7 +101,16 @@ impl RedisServer {
     pub fn restart(&mut self) {
         self.stop();
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -23,7 +23,12 @@ fn profile(name: &str) -> AgentProfile {
     }
 }
 
-async fn token(conn: &mut db::PgConn, org: &OrgId, max_uses: u32, labels: &Labels) -> (RegistrationToken, String) {
+async fn token(
+    conn: &mut db::PgConn,
+    org: &OrgId,
+    max_uses: u32,
+    labels: &Labels,
+) -> (RegistrationToken, String) {
     db::agents::create_registration_token(
         conn,
         NewRegistrationToken {
@@ -39,8 +44,14 @@ async fn token(conn: &mut db::PgConn, org: &OrgId, max_uses: u32, labels: &Label
     .expect("create token")
 }
 
-async fn register(conn: &mut db::PgConn, token: &str, name: &str) -> Result<db::agents::Registered, RegistrationRefused> {
-    db::agents::register(conn, token, &profile(name)).await.expect("register")
+async fn register(
+    conn: &mut db::PgConn,
+    token: &str,
+    name: &str,
+) -> Result<db::agents::Registered, RegistrationRefused> {
+    db::agents::register(conn, token, &profile(name))
+        .await
+        .expect("register")
 }
 
 /// Rows of `table` (as JSON text) containing `needle` anywhere.
@@ -83,10 +94,23 @@ async fn a_token_admits_exactly_max_uses_agents_under_concurrent_registration() 
         .collect();
 
     let admitted = results.iter().filter(|r| r.is_ok()).count();
-    let used_up = results.iter().filter(|r| matches!(r, Err(RegistrationRefused::UsedUp))).count();
+    let used_up = results
+        .iter()
+        .filter(|r| matches!(r, Err(RegistrationRefused::UsedUp)))
+        .count();
     assert_eq!((admitted, used_up), (3, 7));
-    assert_eq!(db::agents::list(&mut conn, &org).await.expect("agents").len(), 3);
-    let uses = support::count(&mut conn, "SELECT uses::int8 AS count FROM registration_tokens").await;
+    assert_eq!(
+        db::agents::list(&mut conn, &org)
+            .await
+            .expect("agents")
+            .len(),
+        3
+    );
+    let uses = support::count(
+        &mut conn,
+        "SELECT uses::int8 AS count FROM registration_tokens",
+    )
+    .await;
     assert_eq!(uses, 3);
     for registered in results.into_iter().flatten() {
         assert_eq!(registered.agent.registration_token_id, Some(created.id));
@@ -99,13 +123,32 @@ async fn an_expired_or_revoked_token_is_refused_as_expired() {
     let mut conn = test_db.conn().await;
     let org = acme(&mut conn).await;
     let (_, expired) = token(&mut conn, &org, 5, &Labels::default()).await;
-    support::exec(&mut conn, "UPDATE registration_tokens SET expires_at = now() - interval '1 minute'").await;
+    support::exec(
+        &mut conn,
+        "UPDATE registration_tokens SET expires_at = now() - interval '1 minute'",
+    )
+    .await;
     let (_, revoked) = token(&mut conn, &org, 5, &Labels::default()).await;
-    support::exec(&mut conn, "UPDATE registration_tokens SET revoked_at = now() WHERE expires_at > now()").await;
+    support::exec(
+        &mut conn,
+        "UPDATE registration_tokens SET revoked_at = now() WHERE expires_at > now()",
+    )
+    .await;
 
-    assert!(matches!(register(&mut conn, &expired, "a").await, Err(RegistrationRefused::Expired)));
-    assert!(matches!(register(&mut conn, &revoked, "b").await, Err(RegistrationRefused::Expired)));
-    assert!(db::agents::list(&mut conn, &org).await.expect("agents").is_empty());
+    assert!(matches!(
+        register(&mut conn, &expired, "a").await,
+        Err(RegistrationRefused::Expired)
+    ));
+    assert!(matches!(
+        register(&mut conn, &revoked, "b").await,
+        Err(RegistrationRefused::Expired)
+    ));
+    assert!(
+        db::agents::list(&mut conn, &org)
+            .await
+            .expect("agents")
+            .is_empty()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -120,7 +163,11 @@ async fn an_unknown_token_is_refused_as_unknown() {
 
     assert!(matches!(refused, Err(RegistrationRefused::Unknown)));
     assert_eq!(
-        support::count(&mut conn, "SELECT sum(uses)::int8 AS count FROM registration_tokens").await,
+        support::count(
+            &mut conn,
+            "SELECT sum(uses)::int8 AS count FROM registration_tokens"
+        )
+        .await,
         0
     );
 }
@@ -136,8 +183,14 @@ async fn an_invalid_profile_is_refused_without_spending_a_use() {
 
     let refused = db::agents::register(&mut conn, &secret, &bad).await;
 
-    assert!(matches!(refused, Err(DbError::Domain(DomainError::Invalid(_)))));
-    assert!(register(&mut conn, &secret, "runner").await.is_ok(), "the only use is still there");
+    assert!(matches!(
+        refused,
+        Err(DbError::Domain(DomainError::Invalid(_)))
+    ));
+    assert!(
+        register(&mut conn, &secret, "runner").await.is_ok(),
+        "the only use is still there"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -146,11 +199,22 @@ async fn secrets_are_stored_only_as_hashes() {
     let mut conn = test_db.conn().await;
     let org = acme(&mut conn).await;
     let (_, token_secret) = token(&mut conn, &org, 1, &Labels::default()).await;
-    let registered = register(&mut conn, &token_secret, "runner").await.expect("registered");
+    let registered = register(&mut conn, &token_secret, "runner")
+        .await
+        .expect("registered");
 
-    for table in ["registration_tokens", "agents", "agent_credentials", "audit_events"] {
+    for table in [
+        "registration_tokens",
+        "agents",
+        "agent_credentials",
+        "audit_events",
+    ] {
         for secret in [&token_secret, &registered.secret] {
-            assert_eq!(rows_containing(&mut conn, table, secret).await, 0, "{table} stores a plaintext secret");
+            assert_eq!(
+                rows_containing(&mut conn, table, secret).await,
+                0,
+                "{table} stores a plaintext secret"
+            );
         }
     }
     #[derive(diesel::QueryableByName)]
@@ -169,7 +233,10 @@ async fn secrets_are_stored_only_as_hashes() {
     .get_result(&mut conn)
     .await
     .expect("hash lookup");
-    assert!(hashed.token && hashed.agent, "the stored values are the secrets' SHA-256");
+    assert!(
+        hashed.token && hashed.agent,
+        "the stored values are the secrets' SHA-256"
+    );
     assert!(token_secret.starts_with("syr_") && registered.secret.starts_with("sya_"));
 }
 
@@ -179,25 +246,49 @@ async fn an_agent_authenticates_with_its_secret_until_revoked() {
     let mut conn = test_db.conn().await;
     let org = acme(&mut conn).await;
     let (_, token_secret) = token(&mut conn, &org, 2, &Labels::default()).await;
-    let registered = register(&mut conn, &token_secret, "runner").await.expect("registered");
-    let bystander = register(&mut conn, &token_secret, "bystander").await.expect("registered");
+    let registered = register(&mut conn, &token_secret, "runner")
+        .await
+        .expect("registered");
+    let bystander = register(&mut conn, &token_secret, "bystander")
+        .await
+        .expect("registered");
     let id = registered.agent.agent_id();
 
-    let found = db::agents::authenticate(&mut conn, &registered.secret).await.expect("authenticate");
-    let wrong = db::agents::authenticate(&mut conn, &token_secret).await.expect("authenticate");
+    let found = db::agents::authenticate(&mut conn, &registered.secret)
+        .await
+        .expect("authenticate");
+    let wrong = db::agents::authenticate(&mut conn, &token_secret)
+        .await
+        .expect("authenticate");
 
     assert_eq!(found.as_ref().map(|a| a.id), Some(id.as_uuid()));
-    assert!(wrong.is_none(), "a registration token is not an agent secret");
+    assert!(
+        wrong.is_none(),
+        "a registration token is not an agent secret"
+    );
 
-    let revoked = db::agents::revoke(&mut conn, &org, id).await.expect("revoke");
+    let revoked = db::agents::revoke(&mut conn, &org, id)
+        .await
+        .expect("revoke");
 
     assert_eq!(revoked.status(), AgentStatus::Revoked);
     assert!(revoked.revoked_at.is_some());
-    assert!(db::agents::authenticate(&mut conn, &registered.secret).await.expect("authenticate").is_none());
-    let reconnect = db::agents::set_status(&mut conn, id, AgentStatus::Online).await;
-    assert!(matches!(reconnect, Err(DbError::NotFound)), "a revoked agent stays revoked");
     assert!(
-        db::agents::authenticate(&mut conn, &bystander.secret).await.expect("authenticate").is_some(),
+        db::agents::authenticate(&mut conn, &registered.secret)
+            .await
+            .expect("authenticate")
+            .is_none()
+    );
+    let reconnect = db::agents::set_status(&mut conn, id, AgentStatus::Online).await;
+    assert!(
+        matches!(reconnect, Err(DbError::NotFound)),
+        "a revoked agent stays revoked"
+    );
+    assert!(
+        db::agents::authenticate(&mut conn, &bystander.secret)
+            .await
+            .expect("authenticate")
+            .is_some(),
         "revoking one agent leaves the others"
     );
 }
@@ -209,14 +300,18 @@ async fn the_tokens_labels_are_merged_into_the_agents() {
     let org = acme(&mut conn).await;
     let (_, secret) = token(&mut conn, &org, 1, &Labels::new(["pool=ci", "os=linux"])).await;
 
-    let registered = register(&mut conn, &secret, "runner").await.expect("registered");
+    let registered = register(&mut conn, &secret, "runner")
+        .await
+        .expect("registered");
 
     assert_eq!(registered.agent.labels, ["os=linux", "pool=ci"]);
     assert_eq!(registered.agent.org_id, "acme");
     assert_eq!(registered.agent.capacity, 2);
     assert_eq!(registered.agent.version, "1.2.3");
     assert_eq!(registered.agent.status(), AgentStatus::Offline);
-    let stored = db::agents::get(&mut conn, &org, registered.agent.agent_id()).await.expect("get");
+    let stored = db::agents::get(&mut conn, &org, registered.agent.agent_id())
+        .await
+        .expect("get");
     assert_eq!(stored, registered.agent);
 }
 
@@ -227,7 +322,9 @@ async fn another_orgs_agent_is_not_found() {
     let org = acme(&mut conn).await;
     let globex = support::org(&mut conn, "globex").await;
     let (_, secret) = token(&mut conn, &org, 1, &Labels::default()).await;
-    let registered = register(&mut conn, &secret, "runner").await.expect("registered");
+    let registered = register(&mut conn, &secret, "runner")
+        .await
+        .expect("registered");
     let id = registered.agent.agent_id();
 
     let got = db::agents::get(&mut conn, &globex, id).await;
@@ -235,9 +332,22 @@ async fn another_orgs_agent_is_not_found() {
 
     assert!(matches!(got, Err(DbError::NotFound)), "got {got:?}");
     assert!(matches!(revoked, Err(DbError::NotFound)), "got {revoked:?}");
-    assert!(db::agents::list(&mut conn, &globex).await.expect("list").is_empty());
-    assert!(db::agents::authenticate(&mut conn, &registered.secret).await.expect("auth").is_some());
-    assert!(matches!(db::agents::get(&mut conn, &org, AgentId::new()).await, Err(DbError::NotFound)));
+    assert!(
+        db::agents::list(&mut conn, &globex)
+            .await
+            .expect("list")
+            .is_empty()
+    );
+    assert!(
+        db::agents::authenticate(&mut conn, &registered.secret)
+            .await
+            .expect("auth")
+            .is_some()
+    );
+    assert!(matches!(
+        db::agents::get(&mut conn, &org, AgentId::new()).await,
+        Err(DbError::NotFound)
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -246,11 +356,14 @@ async fn set_status_records_when_the_agent_was_last_seen() {
     let mut conn = test_db.conn().await;
     let org = acme(&mut conn).await;
     let (_, secret) = token(&mut conn, &org, 1, &Labels::default()).await;
-    let registered = register(&mut conn, &secret, "runner").await.expect("registered");
-
-    let online = db::agents::set_status(&mut conn, registered.agent.agent_id(), AgentStatus::Online)
+    let registered = register(&mut conn, &secret, "runner")
         .await
-        .expect("online");
+        .expect("registered");
+
+    let online =
+        db::agents::set_status(&mut conn, registered.agent.agent_id(), AgentStatus::Online)
+            .await
+            .expect("online");
 
     assert_eq!(online.status(), AgentStatus::Online);
     assert!(online.last_seen_at.is_some());

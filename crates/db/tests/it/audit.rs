@@ -48,7 +48,9 @@ async fn audit_events_list_newest_first_in_keyset_pages() {
     let mut pages = Vec::new();
     let mut before = None;
     loop {
-        let page = db::audit::list(&mut conn, &org, before, 2).await.expect("list");
+        let page = db::audit::list(&mut conn, &org, before, 2)
+            .await
+            .expect("list");
         let Some(last) = page.last() else { break };
         before = Some(last.id);
         pages.push(page);
@@ -57,7 +59,11 @@ async fn audit_events_list_newest_first_in_keyset_pages() {
     assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), [2, 2, 1]);
     let events: Vec<_> = pages.into_iter().flatten().collect();
     let targets: Vec<_> = events.iter().map(|e| e.target_id.as_str()).collect();
-    assert_eq!(targets, ["job-4", "job-3", "job-2", "job-1", "job-0"], "newest first");
+    assert_eq!(
+        targets,
+        ["job-4", "job-3", "job-2", "job-1", "job-0"],
+        "newest first"
+    );
     let ids: HashSet<_> = events.iter().map(|e| e.id).collect();
     assert_eq!(ids.len(), 5);
     let newest = &events[0];
@@ -68,7 +74,9 @@ async fn audit_events_list_newest_first_in_keyset_pages() {
     assert_eq!(newest.request_id.as_deref(), Some("req-9"));
     assert_eq!(newest.details, serde_json::json!({"n": 4}));
     assert!(events.windows(2).all(|w| w[0].at >= w[1].at));
-    let theirs = db::audit::list(&mut conn, &globex, None, 10).await.expect("list");
+    let theirs = db::audit::list(&mut conn, &globex, None, 10)
+        .await
+        .expect("list");
     assert_eq!(theirs.len(), 1);
     assert_eq!(theirs[0].target_id, "theirs");
 }
@@ -99,5 +107,10 @@ async fn an_audit_event_recorded_in_a_rolled_back_transaction_is_not_kept() {
         .await;
 
     assert!(result.is_err());
-    assert!(db::audit::list(&mut conn, &org, None, 10).await.expect("list").is_empty());
+    assert!(
+        db::audit::list(&mut conn, &org, None, 10)
+            .await
+            .expect("list")
+            .is_empty()
+    );
 }

@@ -23,7 +23,9 @@ async fn a_full_concurrency_key_refuses_a_lease_until_a_slot_frees() {
     let test_db = TestDb::new().await;
     let mut conn = test_db.conn().await;
     let org = acme(&mut conn).await;
-    let batch: Vec<_> = (0..3).map(|i| with_key(job(&format!("deploy {i}")), "deploy", 2)).collect();
+    let batch: Vec<_> = (0..3)
+        .map(|i| with_key(job(&format!("deploy {i}")), "deploy", 2))
+        .collect();
     let jobs = create(&mut conn, &org, &batch).await;
     let other_key = support::create_one(&mut conn, &org, with_key(job("other"), "build", 2)).await;
     let first = support::lease_and_start(&mut conn, jobs[0].job_id(), AgentId::new()).await;
@@ -38,9 +40,17 @@ async fn a_full_concurrency_key_refuses_a_lease_until_a_slot_frees() {
         "got {third:?}"
     );
     let refused = reload(&mut conn, jobs[2].job_id()).await;
-    assert_eq!((refused.status(), refused.lease_epoch), (JobStatus::Queued, 0), "refusal rolls back the lease");
     assert_eq!(
-        support::count(&mut conn, "SELECT count(*) AS count FROM concurrency_slots WHERE key = 'deploy'").await,
+        (refused.status(), refused.lease_epoch),
+        (JobStatus::Queued, 0),
+        "refusal rolls back the lease"
+    );
+    assert_eq!(
+        support::count(
+            &mut conn,
+            "SELECT count(*) AS count FROM concurrency_slots WHERE key = 'deploy'"
+        )
+        .await,
         2
     );
     db::leases::lease_job(&mut conn, other_key.job_id(), AgentId::new(), ACK)
@@ -54,7 +64,11 @@ async fn a_full_concurrency_key_refuses_a_lease_until_a_slot_frees() {
 
     assert!(freed.is_ok(), "the freed slot is taken: {freed:?}");
     assert_eq!(
-        support::count(&mut conn, "SELECT count(*) AS count FROM concurrency_slots WHERE key = 'deploy'").await,
+        support::count(
+            &mut conn,
+            "SELECT count(*) AS count FROM concurrency_slots WHERE key = 'deploy'"
+        )
+        .await,
         2
     );
 }
@@ -66,8 +80,16 @@ async fn concurrent_workers_never_hold_more_slots_than_the_limit() {
     let test_db = TestDb::new().await;
     let mut conn = test_db.conn().await;
     let org = acme(&mut conn).await;
-    let batch: Vec<_> = (0..JOBS).map(|i| with_key(job(&format!("deploy {i}")), "deploy", LIMIT as u32)).collect();
-    let ids: Arc<Vec<_>> = Arc::new(create(&mut conn, &org, &batch).await.iter().map(|j| j.job_id()).collect());
+    let batch: Vec<_> = (0..JOBS)
+        .map(|i| with_key(job(&format!("deploy {i}")), "deploy", LIMIT as u32))
+        .collect();
+    let ids: Arc<Vec<_>> = Arc::new(
+        create(&mut conn, &org, &batch)
+            .await
+            .iter()
+            .map(|j| j.job_id())
+            .collect(),
+    );
     let pool = support::pool(&test_db, 12);
     let done = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -78,7 +100,10 @@ async fn concurrent_workers_never_hold_more_slots_than_the_limit() {
             let mut conn = support::conn_from(&pool).await;
             let (mut max_slots, mut max_holding, mut samples) = (0, 0, 0);
             while !stop.load(Ordering::SeqCst) {
-                max_slots = max_slots.max(support::count(&mut conn, "SELECT count(*) AS count FROM concurrency_slots").await);
+                max_slots = max_slots.max(
+                    support::count(&mut conn, "SELECT count(*) AS count FROM concurrency_slots")
+                        .await,
+                );
                 max_holding = max_holding.max(
                     support::count(
                         &mut conn,
@@ -103,7 +128,9 @@ async fn concurrent_workers_never_hold_more_slots_than_the_limit() {
                 let job = ids[rand::rng().random_range(0..ids.len())];
                 match db::leases::lease_job(&mut conn, job, agent, ACK).await {
                     Ok(lease) => {
-                        db::leases::start(&mut conn, job, lease.epoch as u64, TTL).await.expect("start");
+                        db::leases::start(&mut conn, job, lease.epoch as u64, TTL)
+                            .await
+                            .expect("start");
                         tokio::time::sleep(Duration::from_millis(2)).await;
                         db::leases::succeed(&mut conn, job, lease.epoch as u64, Some(0))
                             .await
@@ -128,18 +155,32 @@ async fn concurrent_workers_never_hold_more_slots_than_the_limit() {
 
     assert!(samples > 10, "the sampler ran ({samples} samples)");
     assert!(max_slots <= LIMIT, "{max_slots} slots held at once");
-    assert!(max_holding <= LIMIT, "{max_holding} jobs of the key leased at once");
+    assert!(
+        max_holding <= LIMIT,
+        "{max_holding} jobs of the key leased at once"
+    );
     assert!(max_holding >= 1, "the sampler saw work in progress");
     assert!(refusals > 0, "the limit was contended");
     assert_eq!(
-        support::count(&mut conn, "SELECT count(*) AS count FROM jobs WHERE status = 'succeeded'").await,
+        support::count(
+            &mut conn,
+            "SELECT count(*) AS count FROM jobs WHERE status = 'succeeded'"
+        )
+        .await,
         JOBS as i64
     );
     assert_eq!(
-        support::count(&mut conn, "SELECT count(*) AS count FROM attempts WHERE outcome = 'succeeded'").await,
+        support::count(
+            &mut conn,
+            "SELECT count(*) AS count FROM attempts WHERE outcome = 'succeeded'"
+        )
+        .await,
         JOBS as i64
     );
-    assert_eq!(support::count(&mut conn, "SELECT count(*) AS count FROM concurrency_slots").await, 0);
+    assert_eq!(
+        support::count(&mut conn, "SELECT count(*) AS count FROM concurrency_slots").await,
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -149,7 +190,13 @@ async fn no_job_is_leased_twice_for_one_epoch() {
     let mut conn = test_db.conn().await;
     let org = acme(&mut conn).await;
     let batch: Vec<_> = (0..JOBS).map(|i| job(&format!("echo {i}"))).collect();
-    let ids: Arc<Vec<_>> = Arc::new(create(&mut conn, &org, &batch).await.iter().map(|j| j.job_id()).collect());
+    let ids: Arc<Vec<_>> = Arc::new(
+        create(&mut conn, &org, &batch)
+            .await
+            .iter()
+            .map(|j| j.job_id())
+            .collect(),
+    );
     let pool = support::pool(&test_db, 8);
 
     let mut workers = Vec::new();
@@ -170,7 +217,9 @@ async fn no_job_is_leased_twice_for_one_epoch() {
                                 &mut conn,
                                 job,
                                 Some(lease.epoch as u64),
-                                Ending::Released { delay: Duration::ZERO },
+                                Ending::Released {
+                                    delay: Duration::ZERO,
+                                },
                             )
                             .await
                             .expect("release");
@@ -190,7 +239,11 @@ async fn no_job_is_leased_twice_for_one_epoch() {
         .collect();
 
     let unique: HashSet<(Uuid, i64)> = granted.iter().copied().collect();
-    assert_eq!(unique.len(), granted.len(), "a (job, epoch) lease was granted twice");
+    assert_eq!(
+        unique.len(),
+        granted.len(),
+        "a (job, epoch) lease was granted twice"
+    );
     let mut per_job: HashMap<Uuid, Vec<i64>> = HashMap::new();
     for (job, epoch) in &granted {
         per_job.entry(*job).or_default().push(*epoch);
@@ -200,14 +253,22 @@ async fn no_job_is_leased_twice_for_one_epoch() {
         let row = reload(&mut conn, *id).await;
         let mut epochs = per_job.remove(&id.as_uuid()).unwrap_or_default();
         epochs.sort_unstable();
-        assert_eq!(row.lease_epoch, epochs.len() as i64, "job {id}: epoch vs leases granted");
+        assert_eq!(
+            row.lease_epoch,
+            epochs.len() as i64,
+            "job {id}: epoch vs leases granted"
+        );
         assert!(
             epochs.iter().copied().eq(1..=epochs.len() as i64),
             "job {id}: epochs {epochs:?} are not 1..=n"
         );
         releases_seen += epochs.len().saturating_sub(1);
     }
-    assert!(granted.len() > JOBS / 2, "enough leases were granted ({})", granted.len());
+    assert!(
+        granted.len() > JOBS / 2,
+        "enough leases were granted ({})",
+        granted.len()
+    );
     assert!(releases_seen > 0, "some jobs were leased more than once");
 }
 
@@ -234,7 +295,10 @@ async fn a_lease_racing_another_is_not_refused_while_a_slot_is_free() {
     let test_db = TestDb::new().await;
     let mut conn = test_db.conn().await;
     let org = acme(&mut conn).await;
-    let batch = [with_key(job("a"), "deploy", 2), with_key(job("b"), "deploy", 2)];
+    let batch = [
+        with_key(job("a"), "deploy", 2),
+        with_key(job("b"), "deploy", 2),
+    ];
     let jobs = create(&mut conn, &org, &batch).await;
     let (first, second) = (jobs[0].job_id(), jobs[1].job_id());
     let (held_tx, held_rx) = oneshot::channel();
@@ -265,5 +329,8 @@ async fn a_lease_racing_another_is_not_refused_while_a_slot_is_free() {
     let raced = racing.await.expect("join");
 
     assert!(raced.is_ok(), "refused with slot 1 of 2 free: {raced:?}");
-    assert_eq!(support::count(&mut conn, "SELECT count(*) AS count FROM concurrency_slots").await, 2);
+    assert_eq!(
+        support::count(&mut conn, "SELECT count(*) AS count FROM concurrency_slots").await,
+        2
+    );
 }

@@ -44,7 +44,10 @@ async fn create_jobs_stores_a_queued_job_with_every_field() {
     assert_eq!(created.org_id, "acme");
     assert_eq!(created.status(), JobStatus::Queued);
     assert_eq!(created.queue, "rework");
-    assert_eq!(created.queue_rank, 0, "rework is first in the default precedence");
+    assert_eq!(
+        created.queue_rank, 0,
+        "rework is first in the default precedence"
+    );
     assert_eq!(created.priority, 7);
     assert_eq!(created.required_labels, ["gpu", "os=linux"]);
     assert_eq!(created.concurrency_key.as_deref(), Some("deploy"));
@@ -66,7 +69,9 @@ async fn create_jobs_stores_a_queued_job_with_every_field() {
         Utc::now() + support::secs(3_600),
     );
     assert_eq!(
-        db::jobs::get(&mut conn, &org, created.job_id()).await.expect("get"),
+        db::jobs::get(&mut conn, &org, created.job_id())
+            .await
+            .expect("get"),
         created
     );
 }
@@ -86,8 +91,14 @@ async fn create_jobs_inserts_a_batch_of_a_thousand_in_request_order() {
     }
     let ids: HashSet<Uuid> = created.iter().map(|j| j.id).collect();
     assert_eq!(ids.len(), 1000);
-    assert!(created.windows(2).all(|w| w[0].id < w[1].id), "ids are time-ordered");
-    assert_eq!(db::orgs::job_count(&mut conn, &org).await.expect("count"), 1000);
+    assert!(
+        created.windows(2).all(|w| w[0].id < w[1].id),
+        "ids are time-ordered"
+    );
+    assert_eq!(
+        db::orgs::job_count(&mut conn, &org).await.expect("count"),
+        1000
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -107,7 +118,10 @@ async fn one_invalid_job_in_a_batch_inserts_nothing() {
         }
         other => panic!("expected a validation error, got {other:?}"),
     }
-    assert_eq!(db::orgs::job_count(&mut conn, &org).await.expect("count"), 0);
+    assert_eq!(
+        db::orgs::job_count(&mut conn, &org).await.expect("count"),
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -125,7 +139,8 @@ async fn a_database_error_mid_batch_rolls_back_the_whole_batch() {
         request_hash: vec![1; 32],
     };
 
-    let result = db::jobs::create_jobs(&mut conn, &context(&org, &settings), &batch, Some(idem())).await;
+    let result =
+        db::jobs::create_jobs(&mut conn, &context(&org, &settings), &batch, Some(idem())).await;
 
     assert!(
         matches!(
@@ -137,7 +152,10 @@ async fn a_database_error_mid_batch_rolls_back_the_whole_batch() {
         ),
         "expected a foreign key violation, got {result:?}"
     );
-    assert_eq!(db::orgs::job_count(&mut conn, &org).await.expect("count"), 0);
+    assert_eq!(
+        db::orgs::job_count(&mut conn, &org).await.expect("count"),
+        0
+    );
     assert_eq!(
         support::count(&mut conn, "SELECT count(*) AS count FROM idempotency_keys").await,
         0,
@@ -151,7 +169,10 @@ async fn a_database_error_mid_batch_rolls_back_the_whole_batch() {
         .expect("corrected batch");
     assert!(!retried.replayed);
     assert_eq!(retried.jobs.len(), 800);
-    assert_eq!(db::orgs::job_count(&mut conn, &org).await.expect("count"), 800);
+    assert_eq!(
+        db::orgs::job_count(&mut conn, &org).await.expect("count"),
+        800
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -178,7 +199,10 @@ async fn the_same_idempotency_key_and_body_replays_the_first_jobs() {
     let first_ids: Vec<Uuid> = first.jobs.iter().map(|j| j.id).collect();
     let second_ids: Vec<Uuid> = second.jobs.iter().map(|j| j.id).collect();
     assert_eq!(second_ids, first_ids, "same jobs, same order");
-    assert_eq!(db::orgs::job_count(&mut conn, &org).await.expect("count"), 3);
+    assert_eq!(
+        db::orgs::job_count(&mut conn, &org).await.expect("count"),
+        3
+    );
     assert_eq!(
         support::count(&mut conn, "SELECT count(*) AS count FROM idempotency_keys").await,
         1
@@ -218,7 +242,10 @@ async fn the_same_idempotency_key_with_another_body_is_a_conflict() {
         matches!(&reused, Err(DbError::Conflict(what)) if what == "idempotency_key_reused"),
         "got {reused:?}"
     );
-    assert_eq!(db::orgs::job_count(&mut conn, &org).await.expect("count"), 1);
+    assert_eq!(
+        db::orgs::job_count(&mut conn, &org).await.expect("count"),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -233,12 +260,22 @@ async fn idempotency_keys_are_scoped_to_the_org() {
         request_hash: vec![3; 32],
     };
 
-    let a = db::jobs::create_jobs(&mut conn, &context(&acme, &settings), &[job("a")], Some(idem()))
-        .await
-        .expect("acme");
-    let b = db::jobs::create_jobs(&mut conn, &context(&globex, &settings), &[job("a")], Some(idem()))
-        .await
-        .expect("globex");
+    let a = db::jobs::create_jobs(
+        &mut conn,
+        &context(&acme, &settings),
+        &[job("a")],
+        Some(idem()),
+    )
+    .await
+    .expect("acme");
+    let b = db::jobs::create_jobs(
+        &mut conn,
+        &context(&globex, &settings),
+        &[job("a")],
+        Some(idem()),
+    )
+    .await
+    .expect("globex");
 
     assert!(!a.replayed && !b.replayed);
     assert_ne!(a.jobs[0].id, b.jobs[0].id);
@@ -282,7 +319,10 @@ async fn concurrent_requests_with_one_idempotency_key_create_the_jobs_once() {
         .map(|r| r.jobs.iter().map(|j| j.id).collect())
         .collect();
     assert!(ids.iter().all(|set| set == &ids[0] && set.len() == 5));
-    assert_eq!(db::orgs::job_count(&mut conn, &org).await.expect("count"), 5);
+    assert_eq!(
+        db::orgs::job_count(&mut conn, &org).await.expect("count"),
+        5
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -302,8 +342,19 @@ async fn another_orgs_job_is_not_found() {
         limit: 100,
         ..ListFilter::default()
     };
-    assert!(db::jobs::list(&mut conn, &globex, &filter).await.expect("list").is_empty());
-    assert_eq!(db::jobs::list(&mut conn, &acme, &filter).await.expect("list").len(), 1);
+    assert!(
+        db::jobs::list(&mut conn, &globex, &filter)
+            .await
+            .expect("list")
+            .is_empty()
+    );
+    assert_eq!(
+        db::jobs::list(&mut conn, &acme, &filter)
+            .await
+            .expect("list")
+            .len(),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -337,7 +388,10 @@ async fn list_filters_by_status_queue_label_and_repository() {
     support::lease_and_start(&mut conn, running, AgentId::new()).await;
 
     let commands = async |conn: &mut db::PgConn, filter: ListFilter| -> Vec<String> {
-        let filter = ListFilter { limit: 100, ..filter };
+        let filter = ListFilter {
+            limit: 100,
+            ..filter
+        };
         let mut found: Vec<String> = db::jobs::list(conn, &org, &filter)
             .await
             .expect("list")
@@ -482,12 +536,22 @@ async fn keyset_pages_skip_and_repeat_nothing_while_jobs_are_inserted() {
     inserter.await.expect("inserter");
 
     assert!(pages >= 12, "230 jobs take at least 12 pages of 20");
-    assert!(inserted.load(Ordering::SeqCst) >= pages, "inserts interleaved with paging");
-    assert!(seen.windows(2).all(|w| w[0] > w[1]), "newest first, strictly");
+    assert!(
+        inserted.load(Ordering::SeqCst) >= pages,
+        "inserts interleaved with paging"
+    );
+    assert!(
+        seen.windows(2).all(|w| w[0] > w[1]),
+        "newest first, strictly"
+    );
     let unique: HashSet<Uuid> = seen.iter().copied().collect();
     assert_eq!(unique.len(), seen.len(), "no job appears on two pages");
     let missing: Vec<_> = original.difference(&unique).collect();
-    assert!(missing.is_empty(), "{} original jobs were skipped", missing.len());
+    assert!(
+        missing.is_empty(),
+        "{} original jobs were skipped",
+        missing.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -566,6 +630,12 @@ async fn a_job_cannot_reference_another_orgs_repository() {
 
     let result = db::jobs::create_jobs(&mut conn, &context(&acme, &settings), &[new], None).await;
 
-    assert!(result.is_err(), "acme's job was attached to globex's repository");
-    assert_eq!(db::orgs::job_count(&mut conn, &acme).await.expect("count"), 0);
+    assert!(
+        result.is_err(),
+        "acme's job was attached to globex's repository"
+    );
+    assert_eq!(
+        db::orgs::job_count(&mut conn, &acme).await.expect("count"),
+        0
+    );
 }

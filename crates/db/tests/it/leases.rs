@@ -25,7 +25,10 @@ fn failed(exit_code: i32, kind: &str) -> Ending {
 #[track_caller]
 fn assert_stale(result: &Result<impl std::fmt::Debug, DbError>, given: u64, current: u64) {
     match result {
-        Err(DbError::Domain(DomainError::StaleEpoch { given: g, current: c })) => {
+        Err(DbError::Domain(DomainError::StaleEpoch {
+            given: g,
+            current: c,
+        })) => {
             assert_eq!((*g, *c), (given, current));
         }
         other => panic!("expected a stale epoch, got {other:?}"),
@@ -65,15 +68,26 @@ async fn each_lease_raises_the_epoch_by_one() {
     let (first_agent, second_agent) = (AgentId::new(), AgentId::new());
     let before = Utc::now();
 
-    let first = db::leases::lease_job(&mut conn, id, first_agent, ACK).await.expect("lease 1");
+    let first = db::leases::lease_job(&mut conn, id, first_agent, ACK)
+        .await
+        .expect("lease 1");
     let leased = reload(&mut conn, id).await;
     release(&mut conn, id, first.epoch).await;
-    let second = db::leases::lease_job(&mut conn, id, second_agent, ACK).await.expect("lease 2");
+    let second = db::leases::lease_job(&mut conn, id, second_agent, ACK)
+        .await
+        .expect("lease 2");
 
-    assert_eq!((first.job_id, first.epoch, first.attempt), (id.as_uuid(), 1, 1));
+    assert_eq!(
+        (first.job_id, first.epoch, first.attempt),
+        (id.as_uuid(), 1, 1)
+    );
     assert_eq!(second.epoch, 2);
     assert_eq!(second.attempt, 1, "a released lease spends no attempt");
-    support::assert_between(first.expires_at, before + support::secs(30), Utc::now() + support::secs(30));
+    support::assert_between(
+        first.expires_at,
+        before + support::secs(30),
+        Utc::now() + support::secs(30),
+    );
     assert_eq!(leased.status(), JobStatus::Leased);
     assert_eq!(leased.agent_id, Some(first_agent.as_uuid()));
     let row = reload(&mut conn, id).await;
@@ -89,7 +103,9 @@ async fn a_leased_job_cannot_be_leased_again() {
     let mut conn = test_db.conn().await;
     let org = acme(&mut conn).await;
     let id = create_one(&mut conn, &org, job("echo")).await.job_id();
-    db::leases::lease_job(&mut conn, id, AgentId::new(), ACK).await.expect("lease");
+    db::leases::lease_job(&mut conn, id, AgentId::new(), ACK)
+        .await
+        .expect("lease");
 
     let again = db::leases::lease_job(&mut conn, id, AgentId::new(), ACK).await;
 
@@ -110,7 +126,10 @@ async fn a_job_pending_approval_cannot_be_leased() {
 
     assert_invalid_from(&lease, JobStatus::PendingApproval);
     let row = reload(&mut conn, id).await;
-    assert_eq!((row.status(), row.lease_epoch), (JobStatus::PendingApproval, 0));
+    assert_eq!(
+        (row.status(), row.lease_epoch),
+        (JobStatus::PendingApproval, 0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -148,10 +167,14 @@ async fn start_makes_the_job_running_with_heartbeat_and_run_deadlines() {
     let mut new = job("echo");
     new.timeouts.run_timeout_ms = Some(600_000);
     let id = create_one(&mut conn, &org, new).await.job_id();
-    let lease = db::leases::lease_job(&mut conn, id, AgentId::new(), ACK).await.expect("lease");
+    let lease = db::leases::lease_job(&mut conn, id, AgentId::new(), ACK)
+        .await
+        .expect("lease");
     let before = Utc::now();
 
-    let started = db::leases::start(&mut conn, id, lease.epoch as u64, TTL).await.expect("start");
+    let started = db::leases::start(&mut conn, id, lease.epoch as u64, TTL)
+        .await
+        .expect("start");
 
     let after = Utc::now();
     assert_eq!(started.status(), JobStatus::Running);
@@ -176,9 +199,13 @@ async fn start_with_a_stale_epoch_is_refused_and_changes_nothing() {
     let mut conn = test_db.conn().await;
     let org = acme(&mut conn).await;
     let id = create_one(&mut conn, &org, job("echo")).await.job_id();
-    let old = db::leases::lease_job(&mut conn, id, AgentId::new(), ACK).await.expect("lease 1");
+    let old = db::leases::lease_job(&mut conn, id, AgentId::new(), ACK)
+        .await
+        .expect("lease 1");
     release(&mut conn, id, old.epoch).await;
-    db::leases::lease_job(&mut conn, id, AgentId::new(), ACK).await.expect("lease 2");
+    db::leases::lease_job(&mut conn, id, AgentId::new(), ACK)
+        .await
+        .expect("lease 2");
     let before = reload(&mut conn, id).await;
 
     let started = db::leases::start(&mut conn, id, old.epoch as u64, TTL).await;
@@ -196,9 +223,14 @@ async fn stale_epoch_cannot_complete_job() {
     new.retry_policy = support::no_backoff(3);
     let id = create_one(&mut conn, &org, new).await.job_id();
     let old = lease_and_start(&mut conn, id, AgentId::new()).await;
-    db::leases::end_attempt(&mut conn, id, Some(1), Ending::Lost(InfraReason::AgentVanished))
-        .await
-        .expect("lost");
+    db::leases::end_attempt(
+        &mut conn,
+        id,
+        Some(1),
+        Ending::Lost(InfraReason::AgentVanished),
+    )
+    .await
+    .expect("lost");
     let current = lease_and_start(&mut conn, id, AgentId::new()).await;
     let before = reload(&mut conn, id).await;
 
@@ -206,8 +238,16 @@ async fn stale_epoch_cannot_complete_job() {
 
     assert_stale(&done, 1, 2);
     assert_eq!(reload(&mut conn, id).await, before, "the row is unchanged");
-    let outcomes: Vec<_> = attempts_of(&mut conn, id).await.into_iter().map(|a| a.outcome).collect();
-    assert_eq!(outcomes, ["lost"], "no attempt recorded for the stale write");
+    let outcomes: Vec<_> = attempts_of(&mut conn, id)
+        .await
+        .into_iter()
+        .map(|a| a.outcome)
+        .collect();
+    assert_eq!(
+        outcomes,
+        ["lost"],
+        "no attempt recorded for the stale write"
+    );
     assert_eq!(
         support::count(&mut conn, "SELECT count(*) AS count FROM concurrency_slots").await,
         1,
@@ -230,7 +270,9 @@ async fn succeed_records_a_succeeded_attempt_and_finishes_the_job() {
     let lease = lease_and_start(&mut conn, id, agent).await;
     let running = reload(&mut conn, id).await;
 
-    db::leases::succeed(&mut conn, id, lease.epoch as u64, Some(0)).await.expect("succeed");
+    db::leases::succeed(&mut conn, id, lease.epoch as u64, Some(0))
+        .await
+        .expect("succeed");
 
     let row = reload(&mut conn, id).await;
     assert_eq!(row.status(), JobStatus::Succeeded);
@@ -240,7 +282,10 @@ async fn succeed_records_a_succeeded_attempt_and_finishes_the_job() {
     let attempts = attempts_of(&mut conn, id).await;
     assert_eq!(attempts.len(), 1);
     let attempt = &attempts[0];
-    assert_eq!((attempt.job_id, attempt.epoch, attempt.attempt), (id.as_uuid(), 1, 1));
+    assert_eq!(
+        (attempt.job_id, attempt.epoch, attempt.attempt),
+        (id.as_uuid(), 1, 1)
+    );
     assert_eq!(attempt.outcome, "succeeded");
     assert_eq!(attempt.agent_id, agent.as_uuid());
     assert_eq!(attempt.exit_code, Some(0));
@@ -265,13 +310,21 @@ async fn extend_leases_extends_only_leases_the_agent_holds_at_their_epoch() {
     let org = acme(&mut conn).await;
     let (agent, other_agent) = (AgentId::new(), AgentId::new());
     let held = create_one(&mut conn, &org, job("held")).await.job_id();
-    let wrong_epoch = create_one(&mut conn, &org, job("wrong epoch")).await.job_id();
-    let others = create_one(&mut conn, &org, job("another agent's")).await.job_id();
-    let unacked = create_one(&mut conn, &org, job("not started")).await.job_id();
+    let wrong_epoch = create_one(&mut conn, &org, job("wrong epoch"))
+        .await
+        .job_id();
+    let others = create_one(&mut conn, &org, job("another agent's"))
+        .await
+        .job_id();
+    let unacked = create_one(&mut conn, &org, job("not started"))
+        .await
+        .job_id();
     let held_lease = lease_and_start(&mut conn, held, agent).await;
     let wrong_lease = lease_and_start(&mut conn, wrong_epoch, agent).await;
     let others_lease = lease_and_start(&mut conn, others, other_agent).await;
-    let unacked_lease = db::leases::lease_job(&mut conn, unacked, agent, ACK).await.expect("lease");
+    let unacked_lease = db::leases::lease_job(&mut conn, unacked, agent, ACK)
+        .await
+        .expect("lease");
     let before = [
         reload(&mut conn, wrong_epoch).await,
         reload(&mut conn, others).await,
@@ -297,14 +350,24 @@ async fn extend_leases_extends_only_leases_the_agent_holds_at_their_epoch() {
     assert_eq!(extended.len(), 1, "{extended:?}");
     assert_eq!((extended[0].job_id, extended[0].epoch), (held.as_uuid(), 1));
     assert!(!extended[0].cancel_requested);
-    support::assert_between(extended[0].expires_at, called_at + support::secs(3_600), Utc::now() + support::secs(3_600));
-    assert_eq!(reload(&mut conn, held).await.lease_expires_at, Some(extended[0].expires_at));
+    support::assert_between(
+        extended[0].expires_at,
+        called_at + support::secs(3_600),
+        Utc::now() + support::secs(3_600),
+    );
+    assert_eq!(
+        reload(&mut conn, held).await.lease_expires_at,
+        Some(extended[0].expires_at)
+    );
     let after = [
         reload(&mut conn, wrong_epoch).await,
         reload(&mut conn, others).await,
         reload(&mut conn, unacked).await,
     ];
-    assert_eq!(after, before, "leases not held at that epoch by that agent are untouched");
+    assert_eq!(
+        after, before,
+        "leases not held at that epoch by that agent are untouched"
+    );
     assert!(
         db::leases::extend_leases(&mut conn, agent, &[], hour)
             .await
@@ -349,9 +412,10 @@ async fn a_failed_attempt_is_queued_again_after_a_backoff_within_the_ceiling() {
     let lease = lease_and_start(&mut conn, id, AgentId::new()).await;
     let before = Utc::now();
 
-    let ended = db::leases::end_attempt(&mut conn, id, Some(lease.epoch as u64), failed(2, "flaky"))
-        .await
-        .expect("fail");
+    let ended =
+        db::leases::end_attempt(&mut conn, id, Some(lease.epoch as u64), failed(2, "flaky"))
+            .await
+            .expect("fail");
 
     let after = Utc::now();
     let ceiling = chrono::Duration::from_std(policy.delay_ceiling(1)).expect("ceiling");
@@ -393,13 +457,15 @@ async fn a_job_goes_dead_after_maximum_attempts_and_redrive_queues_it() {
     let id = create_one(&mut conn, &org, new).await.job_id();
 
     let first = lease_and_start(&mut conn, id, AgentId::new()).await;
-    let after_first = db::leases::end_attempt(&mut conn, id, Some(first.epoch as u64), failed(1, "boom"))
-        .await
-        .expect("first failure");
+    let after_first =
+        db::leases::end_attempt(&mut conn, id, Some(first.epoch as u64), failed(1, "boom"))
+            .await
+            .expect("first failure");
     let second = lease_and_start(&mut conn, id, AgentId::new()).await;
-    let after_second = db::leases::end_attempt(&mut conn, id, Some(second.epoch as u64), failed(1, "boom"))
-        .await
-        .expect("second failure");
+    let after_second =
+        db::leases::end_attempt(&mut conn, id, Some(second.epoch as u64), failed(1, "boom"))
+            .await
+            .expect("second failure");
 
     assert_eq!(after_first.status, JobStatus::Queued);
     assert_eq!(second.attempt, 2);
@@ -414,7 +480,10 @@ async fn a_job_goes_dead_after_maximum_attempts_and_redrive_queues_it() {
         .into_iter()
         .map(|a| (a.epoch, a.attempt, a.outcome))
         .collect();
-    assert_eq!(attempts, [(1, 1, "failed".to_owned()), (2, 2, "failed".to_owned())]);
+    assert_eq!(
+        attempts,
+        [(1, 1, "failed".to_owned()), (2, 2, "failed".to_owned())]
+    );
     let leased = db::leases::lease_job(&mut conn, id, AgentId::new(), ACK).await;
     assert_invalid_from(&leased, JobStatus::Dead);
 
@@ -424,9 +493,14 @@ async fn a_job_goes_dead_after_maximum_attempts_and_redrive_queues_it() {
 
     assert_eq!(redriven.status(), JobStatus::Queued);
     assert_eq!((redriven.app_failures, redriven.infra_failures), (0, 0));
-    assert_eq!(redriven.lease_epoch, 2, "the epoch is kept so old writes stay stale");
+    assert_eq!(
+        redriven.lease_epoch, 2,
+        "the epoch is kept so old writes stay stale"
+    );
     assert!(redriven.finished_at.is_none());
-    let third = db::leases::lease_job(&mut conn, id, AgentId::new(), ACK).await.expect("lease again");
+    let third = db::leases::lease_job(&mut conn, id, AgentId::new(), ACK)
+        .await
+        .expect("lease again");
     assert_eq!((third.epoch, third.attempt), (3, 1));
 }
 
@@ -443,9 +517,14 @@ async fn a_non_retryable_error_fails_the_job_and_an_operator_can_retry_it() {
     let id = create_one(&mut conn, &org, new).await.job_id();
     let lease = lease_and_start(&mut conn, id, AgentId::new()).await;
 
-    let ended = db::leases::end_attempt(&mut conn, id, Some(lease.epoch as u64), failed(3, "bad_input"))
-        .await
-        .expect("fail");
+    let ended = db::leases::end_attempt(
+        &mut conn,
+        id,
+        Some(lease.epoch as u64),
+        failed(3, "bad_input"),
+    )
+    .await
+    .expect("fail");
 
     assert_eq!(ended.status, JobStatus::Failed);
     let redrive = db::leases::operate(&mut conn, &org, id, OperatorAction::Redrive).await;
@@ -465,23 +544,35 @@ async fn a_lost_unacknowledged_lease_is_requeued_without_counting_a_failure() {
     let id = create_one(&mut conn, &org, support::with_key(job("echo"), "deploy", 1))
         .await
         .job_id();
-    let lease = db::leases::lease_job(&mut conn, id, AgentId::new(), ACK).await.expect("lease");
-
-    let ended = db::leases::end_attempt(&mut conn, id, Some(lease.epoch as u64), Ending::Lost(InfraReason::LeaseExpired))
+    let lease = db::leases::lease_job(&mut conn, id, AgentId::new(), ACK)
         .await
-        .expect("lost");
+        .expect("lease");
+
+    let ended = db::leases::end_attempt(
+        &mut conn,
+        id,
+        Some(lease.epoch as u64),
+        Ending::Lost(InfraReason::LeaseExpired),
+    )
+    .await
+    .expect("lost");
 
     assert_eq!(ended.status, JobStatus::Queued);
     let row = reload(&mut conn, id).await;
     assert_eq!(row.status(), JobStatus::Queued);
     assert_eq!((row.app_failures, row.infra_failures), (0, 0));
     assert!(row.run_at <= Utc::now(), "requeued for immediate use");
-    assert!(attempts_of(&mut conn, id).await.is_empty(), "an unacknowledged lease is no attempt");
+    assert!(
+        attempts_of(&mut conn, id).await.is_empty(),
+        "an unacknowledged lease is no attempt"
+    );
     assert_eq!(
         support::count(&mut conn, "SELECT count(*) AS count FROM concurrency_slots").await,
         0
     );
-    let next = db::leases::lease_job(&mut conn, id, AgentId::new(), ACK).await.expect("lease again");
+    let next = db::leases::lease_job(&mut conn, id, AgentId::new(), ACK)
+        .await
+        .expect("lease again");
     assert_eq!((next.epoch, next.attempt), (2, 1));
 }
 
@@ -493,9 +584,14 @@ async fn a_lost_running_lease_counts_an_infrastructure_failure() {
     let id = create_one(&mut conn, &org, job("echo")).await.job_id();
     let lease = lease_and_start(&mut conn, id, AgentId::new()).await;
 
-    let ended = db::leases::end_attempt(&mut conn, id, Some(lease.epoch as u64), Ending::Lost(InfraReason::LeaseExpired))
-        .await
-        .expect("lost");
+    let ended = db::leases::end_attempt(
+        &mut conn,
+        id,
+        Some(lease.epoch as u64),
+        Ending::Lost(InfraReason::LeaseExpired),
+    )
+    .await
+    .expect("lost");
 
     assert_eq!(ended.status, JobStatus::Queued);
     let row = reload(&mut conn, id).await;
@@ -530,7 +626,11 @@ async fn a_released_job_is_queued_again_after_its_delay_without_a_failure() {
     let row = reload(&mut conn, id).await;
     assert_eq!(row.status(), JobStatus::Queued);
     assert_eq!((row.app_failures, row.infra_failures), (0, 0));
-    support::assert_between(row.run_at, before + support::secs(30), after + support::secs(30));
+    support::assert_between(
+        row.run_at,
+        before + support::secs(30),
+        after + support::secs(30),
+    );
     let attempts = attempts_of(&mut conn, id).await;
     assert_eq!(attempts.len(), 1);
     assert_eq!(attempts[0].outcome, "released");
@@ -551,13 +651,24 @@ async fn ending_an_attempt_with_a_stale_epoch_changes_nothing() {
     lease_and_start(&mut conn, id, AgentId::new()).await;
     let before = reload(&mut conn, id).await;
 
-    let failed = db::leases::end_attempt(&mut conn, id, Some(old.epoch as u64), failed(1, "late")).await;
-    let lost = db::leases::end_attempt(&mut conn, id, Some(old.epoch as u64), Ending::Lost(InfraReason::AgentVanished)).await;
+    let failed =
+        db::leases::end_attempt(&mut conn, id, Some(old.epoch as u64), failed(1, "late")).await;
+    let lost = db::leases::end_attempt(
+        &mut conn,
+        id,
+        Some(old.epoch as u64),
+        Ending::Lost(InfraReason::AgentVanished),
+    )
+    .await;
 
     assert_stale(&failed, 1, 2);
     assert_stale(&lost, 1, 2);
     assert_eq!(reload(&mut conn, id).await, before);
-    assert_eq!(attempts_of(&mut conn, id).await.len(), 1, "only the released attempt");
+    assert_eq!(
+        attempts_of(&mut conn, id).await.len(),
+        1,
+        "only the released attempt"
+    );
     assert_eq!(
         support::count(&mut conn, "SELECT count(*) AS count FROM concurrency_slots").await,
         1
@@ -608,7 +719,11 @@ async fn cancelling_a_running_job_waits_for_the_agent_to_acknowledge() {
     assert_eq!(requested.status(), JobStatus::CancelRequested);
     assert_eq!(requested.cancel_reason.as_deref(), Some("user"));
     assert_eq!(requested.lease_epoch, lease.epoch);
-    support::assert_between(requested.cancel_requested_at.expect("requested at"), before, after);
+    support::assert_between(
+        requested.cancel_requested_at.expect("requested at"),
+        before,
+        after,
+    );
     support::assert_between(
         requested.cancel_deadline_at.expect("cancel deadline"),
         before + support::secs(45),
@@ -620,16 +735,25 @@ async fn cancelling_a_running_job_waits_for_the_agent_to_acknowledge() {
         .expect("cancel again");
     assert_eq!(again.cancel_deadline_at, requested.cancel_deadline_at);
 
-    let ended = db::leases::end_attempt(&mut conn, id, Some(lease.epoch as u64), Ending::CancelAcknowledged)
-        .await
-        .expect("acknowledge");
+    let ended = db::leases::end_attempt(
+        &mut conn,
+        id,
+        Some(lease.epoch as u64),
+        Ending::CancelAcknowledged,
+    )
+    .await
+    .expect("acknowledge");
 
     assert_eq!(ended.status, JobStatus::Cancelled);
     let row = reload(&mut conn, id).await;
     assert_eq!(row.status(), JobStatus::Cancelled);
     assert!(row.finished_at.is_some());
     assert!(row.cancel_deadline_at.is_none());
-    let outcomes: Vec<_> = attempts_of(&mut conn, id).await.into_iter().map(|a| a.outcome).collect();
+    let outcomes: Vec<_> = attempts_of(&mut conn, id)
+        .await
+        .into_iter()
+        .map(|a| a.outcome)
+        .collect();
     assert_eq!(outcomes, ["cancelled"]);
     assert_eq!(
         support::count(&mut conn, "SELECT count(*) AS count FROM concurrency_slots").await,
@@ -661,7 +785,11 @@ async fn a_cancel_the_agent_never_acknowledges_is_forced() {
     let row = reload(&mut conn, id).await;
     assert_eq!(row.status(), JobStatus::Cancelled);
     assert_eq!(row.lease_epoch, lease.epoch);
-    let outcomes: Vec<_> = attempts_of(&mut conn, id).await.into_iter().map(|a| a.outcome).collect();
+    let outcomes: Vec<_> = attempts_of(&mut conn, id)
+        .await
+        .into_iter()
+        .map(|a| a.outcome)
+        .collect();
     assert_eq!(outcomes, ["cancelled"]);
     assert_eq!(
         support::count(&mut conn, "SELECT count(*) AS count FROM concurrency_slots").await,
@@ -683,7 +811,8 @@ async fn approving_queues_a_job_and_rejecting_cancels_it() {
     let to_approve = create_one(&mut conn, &org, new.clone()).await.job_id();
     let to_reject = create_one(&mut conn, &org, new).await.job_id();
 
-    let foreign = db::leases::operate(&mut conn, &globex, to_approve, OperatorAction::Approve).await;
+    let foreign =
+        db::leases::operate(&mut conn, &globex, to_approve, OperatorAction::Approve).await;
     let approved = db::leases::operate(&mut conn, &org, to_approve, OperatorAction::Approve)
         .await
         .expect("approve");
@@ -698,7 +827,8 @@ async fn approving_queues_a_job_and_rejecting_cancels_it() {
     assert!(rejected.finished_at.is_some());
     let twice = db::leases::operate(&mut conn, &org, to_approve, OperatorAction::Approve).await;
     assert_invalid_from(&twice, JobStatus::Queued);
-    let reject_queued = db::leases::operate(&mut conn, &org, to_approve, OperatorAction::Reject).await;
+    let reject_queued =
+        db::leases::operate(&mut conn, &org, to_approve, OperatorAction::Reject).await;
     assert_invalid_from(&reject_queued, JobStatus::Queued);
     db::leases::lease_job(&mut conn, to_approve, AgentId::new(), ACK)
         .await

@@ -61,7 +61,10 @@ async fn appended_lines_get_a_gapless_sequence_starting_at_one() {
     let first = chunk(0, &["one", "two", "three"]);
     let second = chunk(end_of(&first), &["four", "five"]);
 
-    let a = db::logs::append(&mut conn, id, epoch, 0, &first).await.expect("append").expect("no gap");
+    let a = db::logs::append(&mut conn, id, epoch, 0, &first)
+        .await
+        .expect("append")
+        .expect("no gap");
     let b = db::logs::append(&mut conn, id, epoch, end_of(&first), &second)
         .await
         .expect("append")
@@ -76,7 +79,14 @@ async fn appended_lines_get_a_gapless_sequence_starting_at_one() {
     let stored = stored_lines(&mut conn, id).await;
     assert_eq!(
         stored,
-        [(1, "one"), (2, "two"), (3, "three"), (4, "four"), (5, "five")].map(|(s, l)| (s, l.to_owned()))
+        [
+            (1, "one"),
+            (2, "two"),
+            (3, "three"),
+            (4, "four"),
+            (5, "five")
+        ]
+        .map(|(s, l)| (s, l.to_owned()))
     );
 }
 
@@ -86,9 +96,15 @@ async fn resending_a_committed_chunk_stores_nothing_and_returns_the_same_offset(
     let mut conn = test_db.conn().await;
     let (id, epoch) = running_job(&mut conn).await;
     let lines = chunk(0, &["one", "two", "three"]);
-    let first = db::logs::append(&mut conn, id, epoch, 0, &lines).await.expect("append").expect("no gap");
+    let first = db::logs::append(&mut conn, id, epoch, 0, &lines)
+        .await
+        .expect("append")
+        .expect("no gap");
 
-    let resent = db::logs::append(&mut conn, id, epoch, 0, &lines).await.expect("resend").expect("no gap");
+    let resent = db::logs::append(&mut conn, id, epoch, 0, &lines)
+        .await
+        .expect("resend")
+        .expect("no gap");
 
     assert!(resent.lines.is_empty());
     assert_eq!(resent.committed_offset, first.committed_offset);
@@ -101,7 +117,10 @@ async fn resending_a_committed_chunk_stores_nothing_and_returns_the_same_offset(
         .expect("overlap")
         .expect("no gap");
     assert_eq!(extended.lines.len(), 1);
-    assert_eq!((extended.lines[0].seq, extended.lines[0].line.as_str()), (4, "four"));
+    assert_eq!(
+        (extended.lines[0].seq, extended.lines[0].line.as_str()),
+        (4, "four")
+    );
     assert_eq!(extended.committed_offset, end_of(&overlapping));
 }
 
@@ -111,12 +130,21 @@ async fn a_chunk_past_the_committed_offset_is_refused_with_the_resume_point() {
     let mut conn = test_db.conn().await;
     let (id, epoch) = running_job(&mut conn).await;
     let first = chunk(0, &["one"]);
-    db::logs::append(&mut conn, id, epoch, 0, &first).await.expect("append").expect("no gap");
+    db::logs::append(&mut conn, id, epoch, 0, &first)
+        .await
+        .expect("append")
+        .expect("no gap");
     let committed = end_of(&first);
 
-    let gap = db::logs::append(&mut conn, id, epoch, committed + 10, &chunk(committed + 10, &["lost?"]))
-        .await
-        .expect("append");
+    let gap = db::logs::append(
+        &mut conn,
+        id,
+        epoch,
+        committed + 10,
+        &chunk(committed + 10, &["lost?"]),
+    )
+    .await
+    .expect("append");
 
     assert_eq!(
         gap,
@@ -135,15 +163,28 @@ async fn a_stale_epoch_cannot_append_lines() {
     let org = acme(&mut conn).await;
     let id = create_one(&mut conn, &org, job("build")).await.job_id();
     let old = lease_and_start(&mut conn, id, AgentId::new()).await;
-    db::leases::end_attempt(&mut conn, id, Some(old.epoch as u64), Ending::Released { delay: Duration::ZERO })
-        .await
-        .expect("release");
+    db::leases::end_attempt(
+        &mut conn,
+        id,
+        Some(old.epoch as u64),
+        Ending::Released {
+            delay: Duration::ZERO,
+        },
+    )
+    .await
+    .expect("release");
     lease_and_start(&mut conn, id, AgentId::new()).await;
 
     let stale = db::logs::append(&mut conn, id, old.epoch as u64, 0, &chunk(0, &["late"])).await;
 
     assert!(
-        matches!(stale, Err(DbError::Domain(DomainError::StaleEpoch { given: 1, current: 2 }))),
+        matches!(
+            stale,
+            Err(DbError::Domain(DomainError::StaleEpoch {
+                given: 1,
+                current: 2
+            }))
+        ),
         "got {stale:?}"
     );
     assert!(stored_lines(&mut conn, id).await.is_empty());
@@ -160,7 +201,9 @@ async fn a_job_without_a_lease_cannot_append_lines() {
     let org = acme(&mut conn).await;
     let queued = create_one(&mut conn, &org, job("build")).await.job_id();
     let (finished, epoch) = running_job(&mut conn).await;
-    db::leases::succeed(&mut conn, finished, epoch, Some(0)).await.expect("succeed");
+    db::leases::succeed(&mut conn, finished, epoch, Some(0))
+        .await
+        .expect("succeed");
 
     let before_lease = db::logs::append(&mut conn, queued, 0, 0, &chunk(0, &["x"])).await;
     let after_end = db::logs::append(&mut conn, finished, epoch, 0, &chunk(0, &["x"])).await;
@@ -169,19 +212,28 @@ async fn a_job_without_a_lease_cannot_append_lines() {
     assert!(
         matches!(
             before_lease,
-            Err(DbError::Domain(DomainError::InvalidTransition { from: JobStatus::Queued, .. }))
+            Err(DbError::Domain(DomainError::InvalidTransition {
+                from: JobStatus::Queued,
+                ..
+            }))
         ),
         "got {before_lease:?}"
     );
     assert!(
         matches!(
             after_end,
-            Err(DbError::Domain(DomainError::InvalidTransition { from: JobStatus::Succeeded, .. }))
+            Err(DbError::Domain(DomainError::InvalidTransition {
+                from: JobStatus::Succeeded,
+                ..
+            }))
         ),
         "got {after_end:?}"
     );
     assert!(matches!(unknown, Err(DbError::NotFound)), "got {unknown:?}");
-    assert_eq!(support::count(&mut conn, "SELECT count(*) AS count FROM job_logs").await, 0);
+    assert_eq!(
+        support::count(&mut conn, "SELECT count(*) AS count FROM job_logs").await,
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -218,7 +270,11 @@ async fn a_new_lease_restarts_byte_offsets_but_continues_the_sequence() {
         .expect("append")
         .expect("offsets restart at 0");
 
-    assert_eq!(appended.lines.len(), 1, "a line at an offset the last attempt used is new");
+    assert_eq!(
+        appended.lines.len(),
+        1,
+        "a line at an offset the last attempt used is new"
+    );
     assert_eq!(appended.lines[0].seq, 3);
     assert_eq!(appended.committed_offset, end_of(&second_lines));
     let epochs: Vec<i64> = {
@@ -235,9 +291,15 @@ async fn a_new_lease_restarts_byte_offsets_but_continues_the_sequence() {
     };
     assert_eq!(epochs, [1, 1, 2]);
     // The first attempt's offsets no longer count: a chunk from its end is a gap.
-    let resumed = db::logs::append(&mut conn, id, second.epoch as u64, end_of(&first_lines), &chunk(end_of(&first_lines), &["x"]))
-        .await
-        .expect("append");
+    let resumed = db::logs::append(
+        &mut conn,
+        id,
+        second.epoch as u64,
+        end_of(&first_lines),
+        &chunk(end_of(&first_lines), &["x"]),
+    )
+    .await
+    .expect("append");
     assert_eq!(
         resumed,
         Err(OffsetGap {
@@ -254,18 +316,47 @@ async fn tail_returns_the_last_lines_oldest_first_and_read_pages_forward() {
     let (id, epoch) = running_job(&mut conn).await;
     let texts: Vec<String> = (1..=10).map(|i| format!("line {i}")).collect();
     let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
-    db::logs::append(&mut conn, id, epoch, 0, &chunk(0, &texts)).await.expect("append").expect("no gap");
-    let seqs = |lines: Vec<domain::events::LogLine>| lines.into_iter().map(|l| l.seq).collect::<Vec<_>>();
+    db::logs::append(&mut conn, id, epoch, 0, &chunk(0, &texts))
+        .await
+        .expect("append")
+        .expect("no gap");
+    let seqs =
+        |lines: Vec<domain::events::LogLine>| lines.into_iter().map(|l| l.seq).collect::<Vec<_>>();
 
-    assert_eq!(seqs(db::logs::tail(&mut conn, id, 3).await.expect("tail")), [8, 9, 10]);
-    assert_eq!(seqs(db::logs::tail(&mut conn, id, 20).await.expect("tail")), (1..=10).collect::<Vec<_>>());
-    assert_eq!(seqs(db::logs::read(&mut conn, id, 0, 4).await.expect("read")), [1, 2, 3, 4]);
-    assert_eq!(seqs(db::logs::read(&mut conn, id, 4, 4).await.expect("read")), [5, 6, 7, 8]);
-    assert_eq!(seqs(db::logs::read(&mut conn, id, 8, 4).await.expect("read")), [9, 10]);
-    assert!(db::logs::read(&mut conn, id, 10, 4).await.expect("read").is_empty());
+    assert_eq!(
+        seqs(db::logs::tail(&mut conn, id, 3).await.expect("tail")),
+        [8, 9, 10]
+    );
+    assert_eq!(
+        seqs(db::logs::tail(&mut conn, id, 20).await.expect("tail")),
+        (1..=10).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        seqs(db::logs::read(&mut conn, id, 0, 4).await.expect("read")),
+        [1, 2, 3, 4]
+    );
+    assert_eq!(
+        seqs(db::logs::read(&mut conn, id, 4, 4).await.expect("read")),
+        [5, 6, 7, 8]
+    );
+    assert_eq!(
+        seqs(db::logs::read(&mut conn, id, 8, 4).await.expect("read")),
+        [9, 10]
+    );
+    assert!(
+        db::logs::read(&mut conn, id, 10, 4)
+            .await
+            .expect("read")
+            .is_empty()
+    );
     let last = db::logs::tail(&mut conn, id, 1).await.expect("tail");
     assert_eq!(last[0].line, "line 10");
-    assert!(db::logs::tail(&mut conn, JobId::new(), 5).await.expect("tail").is_empty());
+    assert!(
+        db::logs::tail(&mut conn, JobId::new(), 5)
+            .await
+            .expect("tail")
+            .is_empty()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -283,12 +374,14 @@ async fn concurrent_appends_to_one_job_keep_the_sequence_gapless() {
             let mut committed = 0;
             let mut stored = Vec::new();
             for batch in 0..40 {
-                let texts: Vec<String> = (0..3).map(|i| format!("w{writer} b{batch} l{i}")).collect();
+                let texts: Vec<String> =
+                    (0..3).map(|i| format!("w{writer} b{batch} l{i}")).collect();
                 let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
-                let appended = db::logs::append(&mut conn, id, epoch, committed, &chunk(committed, &texts))
-                    .await
-                    .expect("append")
-                    .expect("starting at a committed offset is never a gap");
+                let appended =
+                    db::logs::append(&mut conn, id, epoch, committed, &chunk(committed, &texts))
+                        .await
+                        .expect("append")
+                        .expect("starting at a committed offset is never a gap");
                 committed = appended.committed_offset;
                 stored.extend(appended.lines.into_iter().map(|l| l.seq));
             }
@@ -303,12 +396,27 @@ async fn concurrent_appends_to_one_job_keep_the_sequence_gapless() {
     reported.sort_unstable();
 
     let total = support::count(&mut conn, "SELECT count(*) AS count FROM job_logs").await;
-    let max_seq = support::count(&mut conn, "SELECT coalesce(max(seq), 0) AS count FROM job_logs").await;
-    let min_seq = support::count(&mut conn, "SELECT coalesce(min(seq), 0) AS count FROM job_logs").await;
-    assert!(total >= 3, "at least the first chunk was stored ({total} lines)");
+    let max_seq = support::count(
+        &mut conn,
+        "SELECT coalesce(max(seq), 0) AS count FROM job_logs",
+    )
+    .await;
+    let min_seq = support::count(
+        &mut conn,
+        "SELECT coalesce(min(seq), 0) AS count FROM job_logs",
+    )
+    .await;
+    assert!(
+        total >= 3,
+        "at least the first chunk was stored ({total} lines)"
+    );
     assert_eq!(max_seq, total, "max(seq) = count(*): no gaps");
     assert_eq!(min_seq, 1);
-    assert_eq!(reported, (1..=total).collect::<Vec<_>>(), "every stored line reported once");
+    assert_eq!(
+        reported,
+        (1..=total).collect::<Vec<_>>(),
+        "every stored line reported once"
+    );
     let next_seq = support::count(&mut conn, "SELECT next_seq AS count FROM job_log_heads").await;
     assert_eq!(next_seq, total + 1);
 }

@@ -1,10 +1,10 @@
 //! Embedded migrations: idempotent, and safe to run from several replicas
 //! at once.
 
+use diesel::migration::MigrationSource;
 use diesel::pg::Pg;
 use diesel::sql_query;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-use diesel::migration::MigrationSource;
 use test_support::TestDb;
 
 use crate::support;
@@ -22,7 +22,9 @@ fn url_for(database: &str) -> String {
         Some((base, query)) => (base.to_owned(), Some(query.to_owned())),
         None => (admin.clone(), None),
     };
-    let prefix = base.rsplit_once('/').map_or(base.as_str(), |(prefix, _)| prefix);
+    let prefix = base
+        .rsplit_once('/')
+        .map_or(base.as_str(), |(prefix, _)| prefix);
     match query {
         Some(q) => format!("{prefix}/{database}?{q}"),
         None => format!("{prefix}/{database}"),
@@ -38,7 +40,9 @@ struct EmptyDb {
 impl EmptyDb {
     async fn create() -> Self {
         let name = format!("switchyard_empty_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = AsyncPgConnection::establish(&admin_url()).await.expect("admin connection");
+        let mut admin = AsyncPgConnection::establish(&admin_url())
+            .await
+            .expect("admin connection");
         sql_query(format!("CREATE DATABASE \"{name}\""))
             .execute(&mut admin)
             .await
@@ -55,7 +59,10 @@ impl Drop for EmptyDb {
     fn drop(&mut self) {
         let name = std::mem::take(&mut self.name);
         let cleanup = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
                 return;
             };
             runtime.block_on(async move {
@@ -71,7 +78,9 @@ impl Drop for EmptyDb {
 }
 
 fn migration_count() -> usize {
-    MigrationSource::<Pg>::migrations(&db::MIGRATIONS).expect("embedded migrations").len()
+    MigrationSource::<Pg>::migrations(&db::MIGRATIONS)
+        .expect("embedded migrations")
+        .len()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -92,16 +101,29 @@ async fn concurrent_migrators_apply_each_migration_exactly_once() {
     let migrate = |url: String| tokio::spawn(async move { db::run_migrations(&url).await });
     let (a, b) = tokio::join!(migrate(empty.url()), migrate(empty.url()));
 
-    let (a, b) = (a.expect("join").expect("migrator a"), b.expect("join").expect("migrator b"));
+    let (a, b) = (
+        a.expect("join").expect("migrator a"),
+        b.expect("join").expect("migrator b"),
+    );
     assert_eq!(a + b, expected, "applied {a} + {b}");
     assert!(a == 0 || b == 0, "one migrator found nothing left to do");
-    let mut conn = AsyncPgConnection::establish(&empty.url()).await.expect("connect");
+    let mut conn = AsyncPgConnection::establish(&empty.url())
+        .await
+        .expect("connect");
     assert_eq!(
-        support::count(&mut conn, "SELECT count(*) AS count FROM __diesel_schema_migrations").await,
+        support::count(
+            &mut conn,
+            "SELECT count(*) AS count FROM __diesel_schema_migrations"
+        )
+        .await,
         expected as i64
     );
     assert_eq!(
-        support::count(&mut conn, "SELECT count(DISTINCT version) AS count FROM __diesel_schema_migrations").await,
+        support::count(
+            &mut conn,
+            "SELECT count(DISTINCT version) AS count FROM __diesel_schema_migrations"
+        )
+        .await,
         expected as i64
     );
     assert_eq!(

@@ -40,9 +40,14 @@ async fn settings_are_the_defaults_until_saved() {
     let org = acme(&mut conn).await;
     let never_created = support::org_id("ghost");
 
-    assert_eq!(db::orgs::settings(&mut conn, &org).await.expect("settings"), OrgSettings::default());
     assert_eq!(
-        db::orgs::settings(&mut conn, &never_created).await.expect("settings"),
+        db::orgs::settings(&mut conn, &org).await.expect("settings"),
+        OrgSettings::default()
+    );
+    assert_eq!(
+        db::orgs::settings(&mut conn, &never_created)
+            .await
+            .expect("settings"),
         OrgSettings::default()
     );
 }
@@ -55,11 +60,18 @@ async fn updated_settings_are_persisted_and_can_be_updated_again() {
     let globex = support::org(&mut conn, "globex").await;
     let first = custom_settings();
 
-    db::orgs::update_settings(&mut conn, &org, &first).await.expect("save");
+    db::orgs::update_settings(&mut conn, &org, &first)
+        .await
+        .expect("save");
 
-    assert_eq!(db::orgs::settings(&mut conn, &org).await.expect("settings"), first);
     assert_eq!(
-        db::orgs::settings(&mut conn, &globex).await.expect("settings"),
+        db::orgs::settings(&mut conn, &org).await.expect("settings"),
+        first
+    );
+    assert_eq!(
+        db::orgs::settings(&mut conn, &globex)
+            .await
+            .expect("settings"),
         OrgSettings::default(),
         "settings belong to one org"
     );
@@ -68,8 +80,13 @@ async fn updated_settings_are_persisted_and_can_be_updated_again() {
         approval_policy: ApprovalPolicy::PerJob,
         ..first
     };
-    db::orgs::update_settings(&mut conn, &org, &second).await.expect("save again");
-    assert_eq!(db::orgs::settings(&mut conn, &org).await.expect("settings"), second);
+    db::orgs::update_settings(&mut conn, &org, &second)
+        .await
+        .expect("save again");
+    assert_eq!(
+        db::orgs::settings(&mut conn, &org).await.expect("settings"),
+        second
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -84,8 +101,14 @@ async fn invalid_settings_are_refused_and_nothing_changes() {
 
     let result = db::orgs::update_settings(&mut conn, &org, &invalid).await;
 
-    assert!(matches!(result, Err(DbError::Domain(DomainError::Invalid(_)))), "got {result:?}");
-    assert_eq!(db::orgs::settings(&mut conn, &org).await.expect("settings"), OrgSettings::default());
+    assert!(
+        matches!(result, Err(DbError::Domain(DomainError::Invalid(_)))),
+        "got {result:?}"
+    );
+    assert_eq!(
+        db::orgs::settings(&mut conn, &org).await.expect("settings"),
+        OrgSettings::default()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -104,20 +127,32 @@ async fn changing_queue_precedence_reranks_waiting_jobs_only() {
     let jobs = create(
         &mut conn,
         &org,
-        &[in_queue("rework"), in_queue("backlog"), in_queue("nightly"), pending, in_queue("rework")],
+        &[
+            in_queue("rework"),
+            in_queue("backlog"),
+            in_queue("nightly"),
+            pending,
+            in_queue("rework"),
+        ],
     )
     .await;
     let theirs = support::create_one(&mut conn, &globex, in_queue("nightly")).await;
     let running = jobs[4].job_id();
     support::lease_and_start(&mut conn, running, AgentId::new()).await;
     let ranks_before: Vec<i16> = jobs.iter().map(|j| j.queue_rank).collect();
-    assert_eq!(ranks_before, [0, 1, 2, 2, 0], "default precedence: rework, backlog, then the rest");
+    assert_eq!(
+        ranks_before,
+        [0, 1, 2, 2, 0],
+        "default precedence: rework, backlog, then the rest"
+    );
 
     let settings = OrgSettings {
         queue_precedence: vec![queue("nightly"), QueueName::backlog()],
         ..OrgSettings::default()
     };
-    db::orgs::update_settings(&mut conn, &org, &settings).await.expect("save");
+    db::orgs::update_settings(&mut conn, &org, &settings)
+        .await
+        .expect("save");
 
     let mut ranks = Vec::new();
     for job in &jobs {
@@ -130,7 +165,10 @@ async fn changing_queue_precedence_reranks_waiting_jobs_only() {
     );
     for job in &jobs[..4] {
         let expected = settings.queue_rank(&queue(&job.queue));
-        assert_eq!(support::reload(&mut conn, job.job_id()).await.queue_rank, expected);
+        assert_eq!(
+            support::reload(&mut conn, job.job_id()).await.queue_rank,
+            expected
+        );
     }
     assert_eq!(
         support::reload(&mut conn, theirs.job_id()).await.queue_rank,
@@ -153,18 +191,29 @@ async fn ensure_org_is_idempotent_and_keeps_a_known_name() {
             .expect("org row")
     };
 
-    db::orgs::ensure_org(&mut conn, &org, None).await.expect("create");
+    db::orgs::ensure_org(&mut conn, &org, None)
+        .await
+        .expect("create");
     let unnamed = name(&mut conn).await;
-    db::orgs::ensure_org(&mut conn, &org, Some("Acme Corp")).await.expect("name");
+    db::orgs::ensure_org(&mut conn, &org, Some("Acme Corp"))
+        .await
+        .expect("name");
     let named = name(&mut conn).await;
-    db::orgs::ensure_org(&mut conn, &org, None).await.expect("again");
+    db::orgs::ensure_org(&mut conn, &org, None)
+        .await
+        .expect("again");
     let kept = name(&mut conn).await;
-    db::orgs::ensure_org(&mut conn, &org, Some("Acme Inc")).await.expect("rename");
+    db::orgs::ensure_org(&mut conn, &org, Some("Acme Inc"))
+        .await
+        .expect("rename");
     let renamed = name(&mut conn).await;
 
     assert_eq!(unnamed, None);
     assert_eq!(named.as_deref(), Some("Acme Corp"));
     assert_eq!(kept.as_deref(), Some("Acme Corp"));
     assert_eq!(renamed.as_deref(), Some("Acme Inc"));
-    assert_eq!(support::count(&mut conn, "SELECT count(*) AS count FROM orgs").await, 1);
+    assert_eq!(
+        support::count(&mut conn, "SELECT count(*) AS count FROM orgs").await,
+        1
+    );
 }

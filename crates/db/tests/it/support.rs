@@ -131,7 +131,6 @@ pub async fn reload(conn: &mut PgConn, job: JobId) -> Job {
 /// A row of `attempts`.
 #[derive(Debug, Queryable, Selectable)]
 #[diesel(table_name = attempts)]
-#[expect(dead_code, reason = "fields are read through Debug output and selectively")]
 pub struct Attempt {
     pub job_id: Uuid,
     pub epoch: i64,

@@ -1,4 +1,5 @@
 //! job-api integration tests: the real service in-process on port 0,
 //! against real PostgreSQL and Redis.
 
+mod binary;
 mod ops;
