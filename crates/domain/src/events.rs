@@ -128,6 +128,32 @@ pub enum Event {
     },
     /// The order or content of a queue changed (enqueue, reorder, approval).
     QueueChanged { queue: QueueName },
+
+    // Commands for one agent, published on its `agent:<id>` channel and
+    // delivered by whichever gateway replica holds its session. A command
+    // lost on the way is repaired from PostgreSQL: an assignment never
+    // acknowledged lapses and is requeued without spending an attempt; a
+    // cancel is re-sent by the scheduler's sweep and piggybacked on every
+    // heartbeat reply.
+    /// The scheduler leased a job to the agent: deliver the assignment.
+    AssignmentOffered {
+        agent_id: AgentId,
+        job_id: JobId,
+        epoch: u64,
+        attempt: u32,
+        lease_expires_at: DateTime<Utc>,
+    },
+    /// Stop the job running at `epoch`; after `grace_ms` the cancel is forced.
+    CancelRequested {
+        agent_id: AgentId,
+        job_id: JobId,
+        epoch: u64,
+        grace_ms: u64,
+    },
+    /// Take no new work (finish what is running).
+    DrainRequested { agent_id: AgentId },
+    /// The agent's credential was revoked: end its session now.
+    AgentRevoked { agent_id: AgentId },
 }
 
 impl Event {
@@ -138,6 +164,10 @@ impl Event {
             Event::LogLinesAppended { .. } => "log_lines_appended",
             Event::AgentStatusChanged { .. } => "agent_status_changed",
             Event::QueueChanged { .. } => "queue_changed",
+            Event::AssignmentOffered { .. } => "assignment_offered",
+            Event::CancelRequested { .. } => "cancel_requested",
+            Event::DrainRequested { .. } => "drain_requested",
+            Event::AgentRevoked { .. } => "agent_revoked",
         }
     }
 }
