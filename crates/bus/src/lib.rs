@@ -144,6 +144,30 @@ impl Bus {
         }
     }
 
+    /// Announces a job's new status on its own channel and its org's,
+    /// serializing the event once.
+    pub async fn job_status_changed(&self, envelope: &Envelope) {
+        let domain::events::Event::JobStatusChanged { job_id, .. } = &envelope.event else {
+            return;
+        };
+        let payload = match serde_json::to_string(envelope) {
+            Ok(payload) => payload,
+            Err(error) => {
+                tracing::error!(error = %error, "cannot encode a status event");
+                return;
+            }
+        };
+        let job = Channel::Job(*job_id);
+        let org = Channel::Org(envelope.org_id.clone());
+        let (a, b) = futures_util::join!(
+            self.publish_raw(&job, payload.clone()),
+            self.publish_raw(&org, payload)
+        );
+        if let Err(error) = a.and(b) {
+            tracing::warn!(error = %error, job.id = %job_id, "status event not published; readers catch up from PostgreSQL");
+        }
+    }
+
     /// Subscribes to `channels` on a dedicated connection. The stream ends
     /// when the connection drops; callers resubscribe and backfill from
     /// PostgreSQL. Messages that do not parse are skipped with a warning.

@@ -247,6 +247,13 @@ pub enum Ending {
 pub struct Ended {
     pub status: JobStatus,
     pub retry_at: Option<DateTime<Utc>>,
+    pub org_id: String,
+    /// The epoch of the attempt that ended.
+    pub epoch: u64,
+    /// The number of the attempt that ended.
+    pub attempt: u32,
+    /// The agent that held the lease.
+    pub agent_id: Option<Uuid>,
 }
 
 async fn lock_job(conn: &mut PgConn, job: JobId) -> DbResult<Job> {
@@ -366,6 +373,10 @@ pub async fn end_attempt(
         Ok(Ended {
             status: next.status,
             retry_at,
+            org_id: row.org_id.clone(),
+            epoch: row.lease_epoch as u64,
+            attempt: now_state.attempt(),
+            agent_id: row.agent_id,
         })
     })
     .await
@@ -496,6 +507,54 @@ pub async fn operate(
             && next.status == JobStatus::CancelRequested
             && state.status != JobStatus::CancelRequested
         {
+            diesel::update(jobs::table.find(job.as_uuid()))
+                .set((
+                    jobs::cancel_requested_at.eq(now),
+                    jobs::cancel_deadline_at
+                        .eq(now + chrono::Duration::from_std(grace).unwrap_or_default()),
+                ))
+                .execute(conn)
+                .await?;
+        }
+        write_lifecycle(conn, job, &next, None, now).await?;
+        Ok(jobs::table
+            .find(job.as_uuid())
+            .select(Job::as_select())
+            .first(conn)
+            .await?)
+    })
+    .await
+}
+
+/// A limit the platform enforces on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Timeout {
+    /// The attempt at `epoch` ran past its run timeout.
+    Run { epoch: u64 },
+    /// The overall deadline passed.
+    Deadline,
+    /// The job waited in the queue past its schedule-to-start timeout.
+    ScheduleToStart,
+}
+
+/// Applies a timeout: unleased jobs time out at once; leased ones move to
+/// `cancel_requested` with `grace` to stop before the cancel is forced.
+pub async fn time_out(
+    conn: &mut PgConn,
+    job: JobId,
+    timeout: Timeout,
+    grace: Duration,
+) -> DbResult<Job> {
+    conn.transaction(async |conn| {
+        let row = lock_job(conn, job).await?;
+        let state = row.lifecycle();
+        let next = match timeout {
+            Timeout::Run { epoch } => state.run_timeout(epoch)?,
+            Timeout::Deadline => state.deadline_exceeded()?,
+            Timeout::ScheduleToStart => state.schedule_to_start_timeout()?,
+        };
+        let now = Utc::now();
+        if next.status == JobStatus::CancelRequested {
             diesel::update(jobs::table.find(job.as_uuid()))
                 .set((
                     jobs::cancel_requested_at.eq(now),

@@ -7,6 +7,7 @@
 
 pub mod agents;
 pub mod audit;
+pub mod dispatch;
 mod error;
 pub mod jobs;
 pub mod leases;
@@ -17,6 +18,8 @@ mod pool;
 pub mod repositories;
 pub mod schema;
 pub mod secrets;
+pub mod sessions;
+pub mod sweeps;
 
 pub use diesel_async::AsyncPgConnection as PgConn;
 pub use error::DbError;

@@ -13,6 +13,7 @@ pub mod ids;
 pub mod job;
 pub mod org;
 pub mod retry;
+pub mod scheduling;
 pub mod state;
 pub mod validation;
 

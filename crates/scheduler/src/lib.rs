@@ -1,23 +1,105 @@
-//! scheduler: durable orchestration over PostgreSQL: leases with epochs, expiry and requeue, retries, fairness, concurrency keys, approvals, timeouts.
+//! scheduler: durable orchestration over PostgreSQL. Leases with epochs,
+//! expiry and requeue, retries with backoff, dead letters, fairness,
+//! labels, capacity, concurrency keys, approvals and timeouts.
 //!
-//! A library with one entry point, [`run`], so tests start the real
-//! service in-process; `main.rs` only reads the config and binds.
+//! All state is in PostgreSQL, so any number of replicas may run and any of
+//! them may die at any moment: dispatch is serialized per org by an
+//! advisory lock, every change is guarded by status and epoch, and a
+//! restarted replica simply carries on from the rows.
+//!
+//! Wake-ups come from Redis (`scheduler:wake`: job created, agent
+//! connected, capacity freed); a periodic sweep is the safety net, so a
+//! lost message costs at most one sweep interval. Delayed jobs and backoffs
+//! are waited for by sleeping until the earliest `run_at`, not by polling.
+
+mod engine;
+mod metrics;
 
 use std::net::{SocketAddr, TcpListener};
+use std::time::Duration;
 
-use service_kit::config::{CommonConfig, ConfigError, Source, address};
+use service_kit::config::{CommonConfig, ConfigError, Source, address, parsed};
 use service_kit::launch::{Foundation, ServiceConfig};
 use tokio_util::sync::CancellationToken;
 
+pub use engine::Engine;
+
 pub const SERVICE: &str = "scheduler";
 
-/// Typed configuration; every variable is documented in
-/// [`service_kit::config`].
+/// Scheduling settings. Variables (all optional):
+///
+/// | variable | default | meaning |
+/// |---|---|---|
+/// | `SCHEDULER_SWEEP_INTERVAL_MS` | `1000` | safety-net sweep period: lease expiry, timeouts, lost wake-ups |
+/// | `SCHEDULER_ACK_TIMEOUT_MS` | `10000` | time an agent has to acknowledge an assignment |
+/// | `SCHEDULER_CANCEL_GRACE_MS` | `30000` | time a cancelled job has to stop before the cancel is forced |
+/// | `SCHEDULER_AGING_INTERVAL_SECS` | `60` | one priority point per interval waited; 0 disables aging |
+/// | `SCHEDULER_MAX_LEASES_PER_TICK` | `1000` | leases granted per org per tick |
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    pub sweep_interval: Duration,
+    pub ack_timeout: Duration,
+    pub cancel_grace: Duration,
+    pub aging: Option<Duration>,
+    pub max_leases_per_tick: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            sweep_interval: Duration::from_millis(1_000),
+            ack_timeout: Duration::from_millis(10_000),
+            cancel_grace: Duration::from_millis(30_000),
+            aging: Some(Duration::from_secs(60)),
+            max_leases_per_tick: 1_000,
+        }
+    }
+}
+
+impl Settings {
+    pub fn from_source(source: &dyn Source) -> Result<Self, ConfigError> {
+        let positive = |name: &'static str, value: u64| {
+            if value == 0 {
+                Err(ConfigError {
+                    variable: name,
+                    problem: "must be greater than 0".into(),
+                })
+            } else {
+                Ok(value)
+            }
+        };
+        let aging = parsed(source, "SCHEDULER_AGING_INTERVAL_SECS", 60u64)?;
+        Ok(Self {
+            sweep_interval: Duration::from_millis(positive(
+                "SCHEDULER_SWEEP_INTERVAL_MS",
+                parsed(source, "SCHEDULER_SWEEP_INTERVAL_MS", 1_000u64)?,
+            )?),
+            ack_timeout: Duration::from_millis(positive(
+                "SCHEDULER_ACK_TIMEOUT_MS",
+                parsed(source, "SCHEDULER_ACK_TIMEOUT_MS", 10_000u64)?,
+            )?),
+            cancel_grace: Duration::from_millis(parsed(
+                source,
+                "SCHEDULER_CANCEL_GRACE_MS",
+                30_000u64,
+            )?),
+            aging: (aging > 0).then(|| Duration::from_secs(aging)),
+            max_leases_per_tick: positive(
+                "SCHEDULER_MAX_LEASES_PER_TICK",
+                parsed(source, "SCHEDULER_MAX_LEASES_PER_TICK", 1_000u64)?,
+            )? as usize,
+        })
+    }
+}
+
+/// Typed configuration; shared variables are documented in
+/// [`service_kit::config`], the scheduler's own on [`Settings`].
 #[derive(Clone, Debug)]
 pub struct Config {
     pub common: CommonConfig,
-    /// `SCHEDULER_HTTP_ADDR`: where the HTTP server listens.
+    /// `SCHEDULER_HTTP_ADDR`: where `/healthz`, `/readyz`, `/metrics` listen.
     pub addr: SocketAddr,
+    pub settings: Settings,
 }
 
 impl ServiceConfig for Config {
@@ -25,6 +107,7 @@ impl ServiceConfig for Config {
         Ok(Self {
             common: CommonConfig::from_source(SERVICE, source)?,
             addr: address(source, "SCHEDULER_HTTP_ADDR", "127.0.0.1:8082")?,
+            settings: Settings::from_source(source)?,
         })
     }
 
@@ -33,20 +116,64 @@ impl ServiceConfig for Config {
     }
 }
 
-/// Serves until `shutdown` is cancelled, then drains and returns.
+/// Schedules and serves the operational endpoints until `shutdown` is
+/// cancelled; an in-progress tick finishes first.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let foundation = Foundation::new(&config.common, env!("CARGO_PKG_VERSION"))?;
-    service_kit::http::serve(
+    let engine = Engine::new(
+        foundation.db.clone(),
+        foundation.bus.clone(),
+        config.settings.clone(),
+        foundation.ops.registry(),
+    );
+    let engine_task = tokio::spawn(engine.run(shutdown.clone()));
+    let served = service_kit::http::serve(
         listener,
         &config.common.http,
         foundation.ops.clone(),
-        shutdown,
-        |_routes| {},
+        shutdown.clone(),
+        |_| {},
     )
-    .await?;
+    .await;
+    shutdown.cancel();
+    engine_task.await?;
+    served?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |name: &str| map.get(name).cloned()
+    }
+
+    #[test]
+    fn settings_default_and_parse() {
+        assert_eq!(
+            Settings::from_source(&env(&[])).expect("defaults"),
+            Settings::default()
+        );
+        let custom = Settings::from_source(&env(&[
+            ("SCHEDULER_SWEEP_INTERVAL_MS", "250"),
+            ("SCHEDULER_AGING_INTERVAL_SECS", "0"),
+        ]))
+        .expect("custom");
+        assert_eq!(custom.sweep_interval, Duration::from_millis(250));
+        assert_eq!(custom.aging, None);
+        let error =
+            Settings::from_source(&env(&[("SCHEDULER_SWEEP_INTERVAL_MS", "0")])).expect_err("zero");
+        assert_eq!(error.variable, "SCHEDULER_SWEEP_INTERVAL_MS");
+    }
 }

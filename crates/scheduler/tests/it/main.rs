@@ -1,4 +1,7 @@
-//! scheduler integration tests: the real service in-process on port 0,
-//! against real PostgreSQL and Redis.
+//! scheduler integration tests against real PostgreSQL and Redis, with
+//! simulated agents playing the gateway's part through the same db calls.
 
+mod crash;
+mod harness;
 mod ops;
+mod scheduling;

@@ -6,6 +6,7 @@ async fn start(db: &TestDb, redis_url: &str, prefix: &str) -> test_support::Runn
     let config = scheduler::Config {
         common: common_config(scheduler::SERVICE, db, redis_url, prefix),
         addr: "127.0.0.1:0".parse().expect("addr"),
+        settings: scheduler::Settings::default(),
     };
     spawn_service(move |listener, shutdown| scheduler::run(config, listener, shutdown))
 }

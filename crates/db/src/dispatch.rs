@@ -1,0 +1,411 @@
+//! Dispatch: turning queued jobs into leases, one org at a time.
+//!
+//! One transaction per org per tick: take the org's dispatch lock (a
+//! transaction-scoped advisory lock, so it also works behind a transaction
+//! pooler and is released by a crash), read the agents with free capacity,
+//! the limits in use and the heads of every repository's queue, let
+//! [`domain::scheduling`] order and place them, then lease the whole batch
+//! in one statement. Because every lease of an org is granted under its
+//! lock, several scheduler replicas never overfill an agent or a limit, and
+//! the `status = 'queued'` guard means no job is leased twice.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::{
+    Array, BigInt, Bool, Double, Int2, Int4, Int8, Nullable, Text, Timestamptz, Uuid as SqlUuid,
+};
+use diesel_async::{AsyncConnection, RunQueryDsl};
+use domain::job::Labels;
+use domain::scheduling::{AgentOffer, Candidate, Limits, order, plan};
+use domain::{AgentId, JobId, OrgId, RepositoryId};
+use uuid::Uuid;
+
+use crate::{DbResult, PgConn};
+
+/// Dispatch settings.
+#[derive(Clone, Debug)]
+pub struct DispatchSettings {
+    /// Time an agent has to acknowledge an assignment.
+    pub ack_timeout: Duration,
+    /// Priority boost interval (see [`domain::scheduling`]); `None` = no aging.
+    pub aging: Option<Duration>,
+    /// Most leases granted for one org in one tick.
+    pub max_leases_per_tick: usize,
+    /// Jobs read from the head of each repository's queue per tick.
+    pub heads_per_group: i64,
+}
+
+impl Default for DispatchSettings {
+    fn default() -> Self {
+        Self {
+            ack_timeout: Duration::from_secs(10),
+            aging: Some(Duration::from_secs(60)),
+            max_leases_per_tick: 1_000,
+            heads_per_group: 64,
+        }
+    }
+}
+
+/// A lease granted by a dispatch, with what the agent needs to hear of it.
+#[derive(Clone, Debug, PartialEq, QueryableByName)]
+pub struct Granted {
+    #[diesel(sql_type = SqlUuid)]
+    pub job_id: Uuid,
+    #[diesel(sql_type = SqlUuid)]
+    pub agent_id: Uuid,
+    #[diesel(sql_type = Text)]
+    pub org_id: String,
+    #[diesel(sql_type = BigInt)]
+    pub epoch: i64,
+    #[diesel(sql_type = Int4)]
+    pub attempt: i32,
+    #[diesel(sql_type = Timestamptz)]
+    pub lease_expires_at: DateTime<Utc>,
+    /// When the job was queued: dispatch latency is measured from here.
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    pub queued_at: Option<DateTime<Utc>>,
+}
+
+#[derive(QueryableByName)]
+struct OrgRow {
+    #[diesel(sql_type = Text)]
+    org_id: String,
+}
+
+/// Orgs with due queued jobs and at least one online agent.
+pub async fn orgs_with_work(conn: &mut PgConn) -> DbResult<Vec<OrgId>> {
+    let rows: Vec<OrgRow> = diesel::sql_query(
+        "SELECT DISTINCT a.org_id FROM agents a \
+         WHERE a.status = 'online' AND EXISTS ( \
+           SELECT 1 FROM jobs j WHERE j.org_id = a.org_id AND j.status = 'queued' AND j.run_at <= now())",
+    )
+    .load(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| OrgId::parse(r.org_id).ok())
+        .collect())
+}
+
+#[derive(QueryableByName)]
+struct AgentRow {
+    #[diesel(sql_type = SqlUuid)]
+    id: Uuid,
+    #[diesel(sql_type = Array<Text>)]
+    labels: Vec<String>,
+    #[diesel(sql_type = Int8)]
+    free: i64,
+    #[diesel(sql_type = Double)]
+    success_rate: f64,
+}
+
+/// Online agents of the org with free capacity, and their recent success rate.
+pub async fn agent_offers(conn: &mut PgConn, org: &OrgId) -> DbResult<Vec<AgentOffer>> {
+    let rows: Vec<AgentRow> = diesel::sql_query(
+        "SELECT a.id, a.labels, a.capacity - COALESCE(l.held, 0) AS free, \
+                COALESCE(s.rate, 1.0)::float8 AS success_rate \
+         FROM agents a \
+         LEFT JOIN (SELECT agent_id, count(*) AS held FROM jobs \
+                    WHERE org_id = $1 AND status IN ('leased', 'running', 'cancel_requested') \
+                    GROUP BY agent_id) l ON l.agent_id = a.id \
+         LEFT JOIN LATERAL (SELECT avg((r.outcome = 'succeeded')::int)::float8 AS rate FROM \
+                    (SELECT outcome FROM attempts WHERE agent_id = a.id \
+                     AND outcome IN ('succeeded', 'failed', 'lost') \
+                     ORDER BY ended_at DESC LIMIT 20) r) s ON true \
+         WHERE a.org_id = $1 AND a.status = 'online' AND a.capacity - COALESCE(l.held, 0) > 0",
+    )
+    .bind::<Text, _>(org.as_str())
+    .load(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| AgentOffer {
+            agent_id: AgentId(r.id),
+            labels: Labels::new(r.labels),
+            free: r.free.max(0) as u32,
+            success_rate: r.success_rate,
+        })
+        .collect())
+}
+
+#[derive(QueryableByName)]
+struct UsageRow {
+    #[diesel(sql_type = Nullable<SqlUuid>)]
+    repository_id: Option<Uuid>,
+    #[diesel(sql_type = Nullable<Int4>)]
+    repository_limit: Option<i32>,
+    #[diesel(sql_type = Int8)]
+    leased: i64,
+}
+
+#[derive(QueryableByName)]
+struct KeyRow {
+    #[diesel(sql_type = Text)]
+    key: String,
+    #[diesel(sql_type = Array<Int4>)]
+    slots: Vec<i32>,
+}
+
+/// The limits that constrain the org's dispatch and how much of each is
+/// used, plus the slot numbers held per concurrency key.
+pub async fn limits(
+    conn: &mut PgConn,
+    org: &OrgId,
+) -> DbResult<(Limits, HashMap<String, Vec<i32>>)> {
+    let org_max: Option<Option<i32>> = crate::schema::org_settings::table
+        .find(org.as_str())
+        .select(crate::schema::org_settings::max_concurrent_jobs)
+        .first(conn)
+        .await
+        .optional()?;
+    let usage: Vec<UsageRow> = diesel::sql_query(
+        "SELECT r.id AS repository_id, r.max_concurrent_jobs AS repository_limit, \
+                COALESCE(u.leased, 0) AS leased \
+         FROM repositories r \
+         LEFT JOIN (SELECT repository_id, count(*) AS leased FROM jobs \
+                    WHERE org_id = $1 AND status IN ('leased', 'running', 'cancel_requested') \
+                    GROUP BY repository_id) u ON u.repository_id = r.id \
+         WHERE r.org_id = $1 AND r.max_concurrent_jobs IS NOT NULL \
+         UNION ALL \
+         SELECT NULL, NULL, count(*) FROM jobs \
+         WHERE org_id = $1 AND status IN ('leased', 'running', 'cancel_requested')",
+    )
+    .bind::<Text, _>(org.as_str())
+    .load(conn)
+    .await?;
+    let keys: Vec<KeyRow> = diesel::sql_query(
+        "SELECT key, array_agg(slot ORDER BY slot) AS slots FROM concurrency_slots \
+         WHERE org_id = $1 GROUP BY key",
+    )
+    .bind::<Text, _>(org.as_str())
+    .load(conn)
+    .await?;
+    let mut limits = Limits {
+        org_max: org_max.flatten().map(|n| n as u32),
+        ..Limits::default()
+    };
+    for row in usage {
+        match row.repository_id {
+            Some(repo) => {
+                limits.repositories.insert(
+                    RepositoryId(repo),
+                    (row.repository_limit.map(|n| n as u32), row.leased as u32),
+                );
+            }
+            None => limits.org_running = row.leased as u32,
+        }
+    }
+    let mut held = HashMap::new();
+    for row in keys {
+        limits
+            .keys_held
+            .insert(row.key.clone(), row.slots.len() as u32);
+        held.insert(row.key, row.slots);
+    }
+    Ok((limits, held))
+}
+
+#[derive(QueryableByName)]
+struct CandidateRow {
+    #[diesel(sql_type = SqlUuid)]
+    id: Uuid,
+    #[diesel(sql_type = Nullable<SqlUuid>)]
+    repository_id: Option<Uuid>,
+    #[diesel(sql_type = Int2)]
+    queue_rank: i16,
+    #[diesel(sql_type = Int4)]
+    priority: i32,
+    #[diesel(sql_type = Int8)]
+    position: i64,
+    #[diesel(sql_type = Timestamptz)]
+    queued_at: DateTime<Utc>,
+    #[diesel(sql_type = Array<Text>)]
+    required_labels: Vec<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    concurrency_key: Option<String>,
+    #[diesel(sql_type = Nullable<Int4>)]
+    concurrency_limit: Option<i32>,
+}
+
+const CANDIDATE_COLUMNS: &str = "id, repository_id, queue_rank, priority, position, \
+    COALESCE(queued_at, created_at) AS queued_at, required_labels, concurrency_key, concurrency_limit";
+
+/// The heads of every repository's ready queue (and of jobs without one):
+/// the first `heads` by dispatch order and the `heads` oldest, so aging can
+/// lift them. Found by skipping through the index one repository at a
+/// time, never by reading a whole backlog.
+pub async fn candidates(conn: &mut PgConn, org: &OrgId, heads: i64) -> DbResult<Vec<Candidate>> {
+    let sql = format!(
+        "WITH RECURSIVE groups(id) AS ( \
+            (SELECT repository_id FROM jobs WHERE org_id = $1 AND status = 'queued' \
+               AND repository_id IS NOT NULL ORDER BY repository_id LIMIT 1) \
+            UNION ALL \
+            SELECT (SELECT j.repository_id FROM jobs j \
+                    WHERE j.org_id = $1 AND j.status = 'queued' AND j.repository_id > groups.id \
+                    ORDER BY j.repository_id LIMIT 1) \
+            FROM groups WHERE groups.id IS NOT NULL) \
+         SELECT DISTINCT ON (id) * FROM ( \
+           SELECT c.* FROM groups g CROSS JOIN LATERAL ( \
+             (SELECT {CANDIDATE_COLUMNS} FROM jobs WHERE org_id = $1 AND status = 'queued' \
+                AND repository_id = g.id AND run_at <= now() \
+                ORDER BY queue_rank, priority DESC, position LIMIT $2) \
+             UNION ALL \
+             (SELECT {CANDIDATE_COLUMNS} FROM jobs WHERE org_id = $1 AND status = 'queued' \
+                AND repository_id = g.id AND run_at <= now() ORDER BY position LIMIT $2)) c \
+           WHERE g.id IS NOT NULL \
+           UNION ALL \
+           (SELECT {CANDIDATE_COLUMNS} FROM jobs WHERE org_id = $1 AND status = 'queued' \
+              AND repository_id IS NULL AND run_at <= now() \
+              ORDER BY queue_rank, priority DESC, position LIMIT $2) \
+           UNION ALL \
+           (SELECT {CANDIDATE_COLUMNS} FROM jobs WHERE org_id = $1 AND status = 'queued' \
+              AND repository_id IS NULL AND run_at <= now() ORDER BY position LIMIT $2) \
+         ) heads"
+    );
+    let rows: Vec<CandidateRow> = diesel::sql_query(sql)
+        .bind::<Text, _>(org.as_str())
+        .bind::<BigInt, _>(heads)
+        .load(conn)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| Candidate {
+            job_id: JobId(r.id),
+            repository_id: r.repository_id.map(RepositoryId),
+            queue_rank: r.queue_rank,
+            priority: r.priority,
+            position: r.position,
+            queued_at: r.queued_at,
+            required_labels: Labels::new(r.required_labels),
+            concurrency_key: r.concurrency_key,
+            concurrency_limit: r.concurrency_limit.unwrap_or(1).max(1) as u32,
+        })
+        .collect())
+}
+
+/// Leases the planned (job, agent) pairs in one statement and takes their
+/// concurrency slots; returns what was granted.
+async fn lease_batch(
+    conn: &mut PgConn,
+    org: &OrgId,
+    pairs: &[(JobId, AgentId)],
+    keys: &HashMap<JobId, String>,
+    mut held: HashMap<String, Vec<i32>>,
+    ack_timeout: Duration,
+) -> DbResult<Vec<Granted>> {
+    let jobs: Vec<Uuid> = pairs.iter().map(|(j, _)| j.as_uuid()).collect();
+    let agents: Vec<Uuid> = pairs.iter().map(|(_, a)| a.as_uuid()).collect();
+    let granted: Vec<Granted> = diesel::sql_query(
+        "UPDATE jobs j SET status = 'leased', lease_epoch = j.lease_epoch + 1, agent_id = p.agent, \
+            leased_at = now(), started_at = NULL, run_deadline_at = NULL, \
+            lease_expires_at = now() + $3 * interval '1 millisecond', \
+            cancel_reason = NULL, cancel_requested_at = NULL, cancel_deadline_at = NULL, updated_at = now() \
+         FROM unnest($1::uuid[], $2::uuid[]) AS p(job, agent) \
+         WHERE j.id = p.job AND j.status = 'queued' \
+         RETURNING j.id AS job_id, j.agent_id AS agent_id, j.org_id, j.lease_epoch AS epoch, \
+            j.app_failures + j.infra_failures + 1 AS attempt, j.lease_expires_at, j.queued_at",
+    )
+    .bind::<Array<SqlUuid>, _>(&jobs)
+    .bind::<Array<SqlUuid>, _>(&agents)
+    .bind::<BigInt, _>(ack_timeout.as_millis().min(i64::MAX as u128) as i64)
+    .load(conn)
+    .await?;
+    let mut slot_jobs = Vec::new();
+    let mut slot_keys = Vec::new();
+    let mut slot_numbers = Vec::new();
+    let mut slot_epochs = Vec::new();
+    for lease in &granted {
+        let Some(key) = keys.get(&JobId(lease.job_id)) else {
+            continue;
+        };
+        let taken = held.entry(key.clone()).or_default();
+        let used: HashSet<i32> = taken.iter().copied().collect();
+        let free = (0..).find(|n| !used.contains(n)).unwrap_or(0);
+        taken.push(free);
+        slot_jobs.push(lease.job_id);
+        slot_keys.push(key.clone());
+        slot_numbers.push(free);
+        slot_epochs.push(lease.epoch);
+    }
+    if !slot_jobs.is_empty() {
+        diesel::sql_query(
+            "INSERT INTO concurrency_slots (org_id, key, slot, job_id, epoch) \
+             SELECT $1, s.key, s.slot, s.job, s.epoch \
+             FROM unnest($2::text[], $3::int4[], $4::uuid[], $5::int8[]) AS s(key, slot, job, epoch)",
+        )
+        .bind::<Text, _>(org.as_str())
+        .bind::<Array<Text>, _>(&slot_keys)
+        .bind::<Array<Int4>, _>(&slot_numbers)
+        .bind::<Array<SqlUuid>, _>(&slot_jobs)
+        .bind::<Array<BigInt>, _>(&slot_epochs)
+        .execute(conn)
+        .await?;
+    }
+    Ok(granted)
+}
+
+#[derive(QueryableByName)]
+struct Locked {
+    #[diesel(sql_type = Bool)]
+    locked: bool,
+}
+
+/// Namespace of the per-org dispatch advisory locks.
+const DISPATCH_LOCK_NAMESPACE: i32 = 0x5359_4450; // "SYDP"
+
+/// Dispatches one org: orders its ready jobs, places them on its agents and
+/// leases the batch. Returns nothing if another replica holds the org's
+/// lock right now (it is doing the same work).
+pub async fn dispatch_org(
+    conn: &mut PgConn,
+    org: &OrgId,
+    settings: &DispatchSettings,
+) -> DbResult<Vec<Granted>> {
+    let org = org.clone();
+    let settings = settings.clone();
+    conn.transaction(async |conn| {
+        let lock: Locked =
+            diesel::sql_query("SELECT pg_try_advisory_xact_lock($1, hashtext($2)) AS locked")
+                .bind::<Int4, _>(DISPATCH_LOCK_NAMESPACE)
+                .bind::<Text, _>(org.as_str())
+                .get_result(conn)
+                .await?;
+        if !lock.locked {
+            return Ok(Vec::new());
+        }
+        let agents = agent_offers(conn, &org).await?;
+        if agents.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (limits, held) = limits(conn, &org).await?;
+        let mut ready = candidates(conn, &org, settings.heads_per_group).await?;
+        order(&mut ready, Utc::now(), settings.aging);
+        let free: usize = agents.iter().map(|a| a.free as usize).sum();
+        let placement = plan(
+            &ready,
+            &agents,
+            &limits,
+            free.min(settings.max_leases_per_tick),
+        );
+        if placement.assignments.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: HashMap<JobId, String> = ready
+            .iter()
+            .filter_map(|c| c.concurrency_key.clone().map(|k| (c.job_id, k)))
+            .collect();
+        lease_batch(
+            conn,
+            &org,
+            &placement.assignments,
+            &keys,
+            held,
+            settings.ack_timeout,
+        )
+        .await
+    })
+    .await
+}

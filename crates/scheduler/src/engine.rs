@@ -1,0 +1,420 @@
+//! The scheduling loop: sweep when due, dispatch on every wake-up, sleep
+//! until the next wake-up, sweep or due `run_at`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bus::{Bus, Channel};
+use chrono::Utc;
+use db::dispatch::{DispatchSettings, Granted};
+use db::leases::{Ending, Timeout};
+use db::{Db, DbError};
+use domain::events::{Envelope, Event};
+use domain::job::JobStatus;
+use domain::retry::InfraReason;
+use domain::{AgentId, JobId, OrgId};
+use futures_util::StreamExt;
+use futures_util::future::join_all;
+use prometheus::Registry;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::Settings;
+use crate::metrics::Metrics;
+
+/// Most rows one sweep query handles; the rest wait for the next sweep.
+const SWEEP_BATCH: i64 = 500;
+/// Idempotency keys are kept this long.
+const IDEMPOTENCY_KEY_HOURS: i64 = 24;
+
+/// One scheduler replica's engine.
+#[derive(Clone)]
+pub struct Engine {
+    db: Db,
+    bus: Bus,
+    settings: Settings,
+    dispatch: DispatchSettings,
+    metrics: Metrics,
+}
+
+/// What a tick did, for tests and logs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TickReport {
+    pub leased: usize,
+    pub expired: usize,
+    pub timed_out: usize,
+    /// An org hit its per-tick lease cap: run again at once.
+    pub saturated: bool,
+}
+
+impl Engine {
+    pub fn new(db: Db, bus: Bus, settings: Settings, registry: &Registry) -> Self {
+        let dispatch = DispatchSettings {
+            ack_timeout: settings.ack_timeout,
+            aging: settings.aging,
+            max_leases_per_tick: settings.max_leases_per_tick,
+            ..DispatchSettings::default()
+        };
+        Self {
+            db,
+            bus,
+            settings,
+            dispatch,
+            metrics: Metrics::new(registry),
+        }
+    }
+
+    /// Runs until `shutdown`; a tick in progress completes first.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let wake = Arc::new(Notify::new());
+        tokio::spawn(listen_for_wakeups(
+            self.bus.clone(),
+            wake.clone(),
+            shutdown.clone(),
+        ));
+        let mut next_sweep = Instant::now();
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let sweep_now = Instant::now() >= next_sweep;
+            if sweep_now {
+                next_sweep = Instant::now() + self.settings.sweep_interval;
+            }
+            let report = match self.tick(sweep_now).await {
+                Ok(report) => report,
+                Err(error) => {
+                    tracing::warn!(error = %error, "scheduler tick failed; retrying shortly");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    }
+                }
+            };
+            if report.saturated {
+                continue;
+            }
+            let until_sweep = next_sweep.saturating_duration_since(Instant::now());
+            let until_due = self.until_next_run_at().await.unwrap_or(until_sweep);
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(until_sweep.min(until_due)) => {}
+            }
+        }
+        tracing::info!("scheduler engine stopped");
+    }
+
+    /// One pass: the sweep (when asked) and a dispatch of every org with work.
+    pub async fn tick(&self, sweep: bool) -> Result<TickReport, DbError> {
+        let mut report = TickReport::default();
+        if sweep {
+            let started = Instant::now();
+            self.sweep(&mut report).await?;
+            self.metrics
+                .sweep_duration
+                .observe(started.elapsed().as_secs_f64());
+        }
+        self.dispatch(&mut report).await?;
+        Ok(report)
+    }
+
+    async fn until_next_run_at(&self) -> Option<Duration> {
+        let mut conn = self.db.conn().await.ok()?;
+        let next = db::sweeps::next_run_at(&mut conn).await.ok()??;
+        Some((next - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(1))
+    }
+
+    async fn dispatch(&self, report: &mut TickReport) -> Result<(), DbError> {
+        let mut conn = self.db.conn().await?;
+        for org in db::dispatch::orgs_with_work(&mut conn).await? {
+            let granted = db::dispatch::dispatch_org(&mut conn, &org, &self.dispatch).await?;
+            if granted.is_empty() {
+                continue;
+            }
+            report.leased += granted.len();
+            report.saturated |= granted.len() >= self.dispatch.max_leases_per_tick;
+            self.metrics.leases_granted.inc_by(granted.len() as u64);
+            let now = Utc::now();
+            for lease in &granted {
+                if let Some(queued_at) = lease.queued_at {
+                    let latency = (now - queued_at).to_std().unwrap_or_default();
+                    self.metrics.dispatch_latency.observe(latency.as_secs_f64());
+                }
+                tracing::debug!(job.id = %lease.job_id, job.epoch = lease.epoch, agent.id = %lease.agent_id, "leased");
+            }
+            join_all(granted.iter().map(|lease| self.offer(&org, lease))).await;
+        }
+        Ok(())
+    }
+
+    /// Tells the agent's gateway about a lease, and watchers about the status.
+    async fn offer(&self, org: &OrgId, lease: &Granted) {
+        let offer = Envelope::new(
+            org.clone(),
+            Event::AssignmentOffered {
+                agent_id: AgentId(lease.agent_id),
+                job_id: JobId(lease.job_id),
+                epoch: lease.epoch as u64,
+                attempt: lease.attempt as u32,
+                lease_expires_at: lease.lease_expires_at,
+            },
+        )
+        .with_trace(telemetry::current_trace_context());
+        let channel = Channel::Agent(AgentId(lease.agent_id));
+        let offered = self.bus.publish_best_effort(&channel, &offer);
+        let status = self.announce(
+            org,
+            lease.job_id,
+            JobStatus::Leased,
+            lease.attempt as u32,
+            lease.epoch as u64,
+            Some(lease.agent_id),
+        );
+        futures_util::join!(offered, status);
+    }
+
+    async fn announce(
+        &self,
+        org: &OrgId,
+        job_id: Uuid,
+        status: JobStatus,
+        attempt: u32,
+        epoch: u64,
+        agent: Option<Uuid>,
+    ) {
+        let event = Envelope::new(
+            org.clone(),
+            Event::JobStatusChanged {
+                job_id: JobId(job_id),
+                status,
+                attempt,
+                epoch,
+                agent_id: agent.map(AgentId),
+            },
+        )
+        .with_trace(telemetry::current_trace_context());
+        self.bus.job_status_changed(&event).await;
+    }
+
+    async fn push_cancel(&self, org: &OrgId, agent: Uuid, job: Uuid, epoch: u64, grace: Duration) {
+        let event = Envelope::new(
+            org.clone(),
+            Event::CancelRequested {
+                agent_id: AgentId(agent),
+                job_id: JobId(job),
+                epoch,
+                grace_ms: grace.as_millis() as u64,
+            },
+        );
+        self.bus
+            .publish_best_effort(&Channel::Agent(AgentId(agent)), &event)
+            .await;
+    }
+
+    async fn sweep(&self, report: &mut TickReport) -> Result<(), DbError> {
+        let mut conn = self.db.conn().await?;
+
+        for due in db::sweeps::expired_leases(&mut conn, SWEEP_BATCH).await? {
+            let ending = Ending::Lost(InfraReason::LeaseExpired);
+            match db::leases::end_attempt(&mut conn, due.job(), Some(due.epoch as u64), ending)
+                .await
+            {
+                Ok(ended) => {
+                    report.expired += 1;
+                    self.metrics.leases_expired.inc();
+                    tracing::info!(job.id = %due.job_id, job.epoch = due.epoch, status = %ended.status, "lease expired");
+                    if let Ok(org) = OrgId::parse(ended.org_id) {
+                        self.announce(
+                            &org,
+                            due.job_id,
+                            ended.status,
+                            ended.attempt,
+                            ended.epoch,
+                            ended.agent_id,
+                        )
+                        .await;
+                    }
+                }
+                Err(error) => ignore_race(error, due.job_id)?,
+            }
+        }
+
+        for due in db::sweeps::overdue_cancels(&mut conn, SWEEP_BATCH).await? {
+            match db::leases::end_attempt(
+                &mut conn,
+                due.job(),
+                Some(due.epoch as u64),
+                Ending::CancelForced,
+            )
+            .await
+            {
+                Ok(ended) => {
+                    report.timed_out += 1;
+                    self.metrics
+                        .timeouts
+                        .with_label_values(&["cancel_forced"])
+                        .inc();
+                    tracing::info!(job.id = %due.job_id, job.epoch = due.epoch, "cancel forced after grace period");
+                    if let Ok(org) = OrgId::parse(ended.org_id) {
+                        self.announce(
+                            &org,
+                            due.job_id,
+                            ended.status,
+                            ended.attempt,
+                            ended.epoch,
+                            ended.agent_id,
+                        )
+                        .await;
+                    }
+                }
+                Err(error) => ignore_race(error, due.job_id)?,
+            }
+        }
+
+        let timeouts = [
+            (
+                "run_timeout",
+                db::sweeps::run_timeouts(&mut conn, SWEEP_BATCH).await?,
+            ),
+            (
+                "deadline",
+                db::sweeps::past_deadline(&mut conn, SWEEP_BATCH).await?,
+            ),
+            (
+                "schedule_to_start",
+                db::sweeps::schedule_to_start_expired(&mut conn, SWEEP_BATCH).await?,
+            ),
+        ];
+        for (kind, found) in timeouts {
+            for due in found {
+                let timeout = match kind {
+                    "run_timeout" => Timeout::Run {
+                        epoch: due.epoch as u64,
+                    },
+                    "deadline" => Timeout::Deadline,
+                    _ => Timeout::ScheduleToStart,
+                };
+                match db::leases::time_out(
+                    &mut conn,
+                    due.job(),
+                    timeout,
+                    self.settings.cancel_grace,
+                )
+                .await
+                {
+                    Ok(job) => {
+                        report.timed_out += 1;
+                        self.metrics.timeouts.with_label_values(&[kind]).inc();
+                        tracing::info!(job.id = %due.job_id, kind, status = %job.status, "timeout applied");
+                        let Ok(org) = OrgId::parse(job.org_id.clone()) else {
+                            continue;
+                        };
+                        let lifecycle = job.lifecycle();
+                        self.announce(
+                            &org,
+                            job.id,
+                            lifecycle.status,
+                            lifecycle.attempt(),
+                            lifecycle.epoch,
+                            job.agent_id,
+                        )
+                        .await;
+                        if let (JobStatus::CancelRequested, Some(agent)) =
+                            (lifecycle.status, job.agent_id)
+                        {
+                            self.push_cancel(
+                                &org,
+                                agent,
+                                job.id,
+                                lifecycle.epoch,
+                                self.settings.cancel_grace,
+                            )
+                            .await;
+                        }
+                    }
+                    Err(error) => ignore_race(error, due.job_id)?,
+                }
+            }
+        }
+
+        // Re-push cancels the agent may have missed (a lost Redis message).
+        for pending in db::sweeps::pending_cancels(&mut conn, SWEEP_BATCH).await? {
+            let Ok(org) = OrgId::parse(pending.org_id.clone()) else {
+                continue;
+            };
+            let grace = pending
+                .cancel_deadline_at
+                .and_then(|deadline| (deadline - Utc::now()).to_std().ok())
+                .unwrap_or_default();
+            self.push_cancel(
+                &org,
+                pending.agent_id,
+                pending.job_id,
+                pending.epoch as u64,
+                grace,
+            )
+            .await;
+        }
+
+        db::sweeps::purge_idempotency_keys(&mut conn, IDEMPOTENCY_KEY_HOURS).await?;
+        self.metrics.queue_depth.reset();
+        for depth in db::sweeps::queue_depths(&mut conn).await? {
+            self.metrics
+                .queue_depth
+                .with_label_values(&[depth.org_id.as_str(), depth.queue.as_str()])
+                .set(depth.depth);
+        }
+        Ok(())
+    }
+}
+
+/// A sweep raced with an agent or another replica that changed the job
+/// first: nothing to do. Anything else is a real error.
+fn ignore_race(error: DbError, job: Uuid) -> Result<(), DbError> {
+    match error {
+        DbError::Domain(_) | DbError::NotFound => {
+            tracing::debug!(job.id = %job, error = %error, "job changed meanwhile; skipped");
+            Ok(())
+        }
+        other => Err(other),
+    }
+}
+
+/// Turns `scheduler:wake` messages into notifications, resubscribing after
+/// Redis failures. While Redis is down the sweep interval bounds latency.
+async fn listen_for_wakeups(bus: Bus, wake: Arc<Notify>, shutdown: CancellationToken) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let subscription = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            subscription = bus.subscribe(&[Channel::SchedulerWake]) => subscription,
+        };
+        match subscription {
+            Ok(mut events) => {
+                backoff = Duration::from_millis(200);
+                // Catch up on anything published while we were not listening.
+                wake.notify_one();
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        event = events.next() => match event {
+                            Some(_) => wake.notify_one(),
+                            None => break,
+                        },
+                    }
+                }
+                tracing::warn!("wake-up subscription ended; resubscribing");
+            }
+            Err(error) => {
+                tracing::warn!(error = %error, "cannot subscribe to wake-ups; the sweep covers meanwhile");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
