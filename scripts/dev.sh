@@ -74,14 +74,8 @@ for service in "${!addresses[@]}"; do
   done
 done
 
-# An HS256 development token in PropelAuth's shape (member of org dev-org).
-b64url() { openssl base64 -A | tr '+/' '-_' | tr -d '='; }
-now=$(date +%s)
-header=$(printf '{"alg":"HS256","typ":"JWT"}' | b64url)
-payload=$(printf '{"iss":"switchyard-dev","sub":"dev-user","user_id":"dev-user","email":"dev@localhost","iat":%d,"exp":%d,"org_id_to_org_member_info":{"dev-org":{"org_id":"dev-org","org_name":"Development","user_role":"Owner","inherited_user_roles_plus_current_role":["Owner","Admin","Member"],"user_permissions":["jobs:approve","agents:manage"]}}}' \
-  "$now" $((now + 30 * 24 * 3600)) | b64url)
-signature=$(printf '%s.%s' "$header" "$payload" | openssl dgst -sha256 -hmac "$AUTH_HS256_SECRET" -binary | b64url)
-token="$header.$payload.$signature"
+# A development token in PropelAuth's shape (org dev-org, role Owner).
+token=$(target/debug/yard dev-token --org dev-org --role Owner)
 printf '%s\n' "$token" > .dev/dev-token
 
 cat <<TXT

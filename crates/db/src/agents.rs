@@ -260,3 +260,38 @@ pub async fn revoke(conn: &mut PgConn, org: &OrgId, id: AgentId) -> DbResult<Age
     })
     .await
 }
+
+#[derive(QueryableByName)]
+struct ActivityRow {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    running: i64,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Double>)]
+    success_rate: Option<f64>,
+}
+
+/// Jobs the agent holds now, and its success rate over its last 20
+/// finished attempts (`None` before any).
+pub async fn activity(conn: &mut PgConn, id: AgentId) -> DbResult<(i64, Option<f64>)> {
+    let row: ActivityRow = diesel::sql_query(
+        "SELECT (SELECT count(*) FROM jobs WHERE agent_id = $1 \
+                   AND status IN ('leased', 'running', 'cancel_requested')) AS running, \
+                (SELECT avg((outcome = 'succeeded')::int)::float8 FROM \
+                   (SELECT outcome FROM attempts WHERE agent_id = $1 \
+                    AND outcome IN ('succeeded', 'failed', 'lost') ORDER BY ended_at DESC LIMIT 20) r) AS success_rate",
+    )
+    .bind::<diesel::sql_types::Uuid, _>(id.as_uuid())
+    .get_result(conn)
+    .await?;
+    Ok((row.running, row.success_rate))
+}
+
+/// Agents connected now, across all orgs.
+pub async fn online_count(conn: &mut PgConn) -> DbResult<i64> {
+    Ok(agents::table
+        .filter(
+            agents::status.eq_any([AgentStatus::Online.as_str(), AgentStatus::Draining.as_str()]),
+        )
+        .count()
+        .get_result(conn)
+        .await?)
+}

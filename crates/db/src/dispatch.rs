@@ -270,20 +270,41 @@ pub async fn candidates(conn: &mut PgConn, org: &OrgId, heads: i64) -> DbResult<
         .bind::<BigInt, _>(heads)
         .load(conn)
         .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| Candidate {
-            job_id: JobId(r.id),
-            repository_id: r.repository_id.map(RepositoryId),
-            queue_rank: r.queue_rank,
-            priority: r.priority,
-            position: r.position,
-            queued_at: r.queued_at,
-            required_labels: Labels::new(r.required_labels),
-            concurrency_key: r.concurrency_key,
-            concurrency_limit: r.concurrency_limit.unwrap_or(1).max(1) as u32,
-        })
-        .collect())
+    Ok(rows.into_iter().map(CandidateRow::into_candidate).collect())
+}
+
+impl CandidateRow {
+    fn into_candidate(self) -> Candidate {
+        Candidate {
+            job_id: JobId(self.id),
+            repository_id: self.repository_id.map(RepositoryId),
+            queue_rank: self.queue_rank,
+            priority: self.priority,
+            position: self.position,
+            queued_at: self.queued_at,
+            required_labels: Labels::new(self.required_labels),
+            concurrency_key: self.concurrency_key,
+            concurrency_limit: self.concurrency_limit.unwrap_or(1).max(1) as u32,
+        }
+    }
+}
+
+/// Every due queued job of the org (up to `limit`), for computing queue
+/// positions with the same ordering the dispatcher uses.
+pub async fn queued_candidates(
+    conn: &mut PgConn,
+    org: &OrgId,
+    limit: i64,
+) -> DbResult<Vec<Candidate>> {
+    let rows: Vec<CandidateRow> = diesel::sql_query(format!(
+        "SELECT {CANDIDATE_COLUMNS} FROM jobs WHERE org_id = $1 AND status = 'queued' AND run_at <= now() \
+         ORDER BY queue_rank, priority DESC, position LIMIT $2"
+    ))
+    .bind::<Text, _>(org.as_str())
+    .bind::<BigInt, _>(limit)
+    .load(conn)
+    .await?;
+    Ok(rows.into_iter().map(CandidateRow::into_candidate).collect())
 }
 
 /// Leases the planned (job, agent) pairs in one statement and takes their

@@ -235,6 +235,24 @@ pub async fn create_jobs(
                 });
             }
         }
+        let mut repositories: Vec<Uuid> = rows.iter().filter_map(|r| r.repository_id).collect();
+        repositories.sort_unstable();
+        repositories.dedup();
+        if !repositories.is_empty() {
+            let owned: i64 = crate::schema::repositories::table
+                .filter(crate::schema::repositories::org_id.eq(org_id))
+                .filter(crate::schema::repositories::id.eq_any(&repositories))
+                .count()
+                .get_result(conn)
+                .await?;
+            if owned != repositories.len() as i64 {
+                return Err(DomainError::invalid(
+                    "repository_id",
+                    "no such repository in this organization",
+                )
+                .into());
+            }
+        }
         let mut created = Vec::with_capacity(rows.len());
         // Stay well under PostgreSQL's 65,535 bind parameters per statement.
         for chunk in rows.chunks(500) {
@@ -347,4 +365,32 @@ pub(crate) async fn explain_refusal(
             }
         }
     }
+}
+
+/// One finished attempt.
+#[derive(Clone, Debug, PartialEq, Serialize, Queryable, Selectable)]
+#[diesel(table_name = crate::schema::attempts)]
+pub struct Attempt {
+    pub job_id: Uuid,
+    pub epoch: i64,
+    pub attempt: i32,
+    pub agent_id: Uuid,
+    pub leased_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub ended_at: DateTime<Utc>,
+    pub outcome: String,
+    pub exit_code: Option<i32>,
+    pub error_kind: Option<String>,
+    pub error_message: Option<String>,
+}
+
+/// The job's finished attempts, oldest first.
+pub async fn attempts(conn: &mut PgConn, id: JobId) -> DbResult<Vec<Attempt>> {
+    use crate::schema::attempts;
+    Ok(attempts::table
+        .filter(attempts::job_id.eq(id.as_uuid()))
+        .order(attempts::epoch.asc())
+        .select(Attempt::as_select())
+        .load(conn)
+        .await?)
 }

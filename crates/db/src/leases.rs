@@ -75,6 +75,15 @@ pub async fn lease_job(
         let Some(lease) = lease else {
             return Err(explain_refusal(conn, job, None, Action::Lease).await);
         };
+        // Serialize slot choice per key, so two leases racing for slot 0
+        // do not leave one refused while slot 1 is free.
+        diesel::sql_query(
+            "SELECT pg_advisory_xact_lock(hashtext(org_id), hashtext(concurrency_key)) \
+             FROM jobs WHERE id = $1 AND concurrency_key IS NOT NULL",
+        )
+        .bind::<SqlUuid, _>(job.as_uuid())
+        .execute(conn)
+        .await?;
         let slot_taken = diesel::sql_query(
             "INSERT INTO concurrency_slots (org_id, key, slot, job_id, epoch) \
              SELECT j.org_id, j.concurrency_key, s.slot, j.id, j.lease_epoch \
@@ -332,7 +341,7 @@ pub async fn end_attempt(
             } => (*exit_code, error_kind.clone(), message.clone()),
             Ending::Lost(reason) => (
                 None,
-                Some(format!("{reason:?}").to_lowercase()),
+                Some(reason.as_str().to_owned()),
                 Some("the lease was lost".to_owned()),
             ),
             _ => (
@@ -516,7 +525,9 @@ pub async fn operate(
                 .execute(conn)
                 .await?;
         }
-        write_lifecycle(conn, job, &next, None, now).await?;
+        // Approval must not pull a scheduled job forward.
+        let run_at = (action == OperatorAction::Approve).then(|| row.run_at.max(now));
+        write_lifecycle(conn, job, &next, run_at, now).await?;
         Ok(jobs::table
             .find(job.as_uuid())
             .select(Job::as_select())
@@ -570,6 +581,55 @@ pub async fn time_out(
             .select(Job::as_select())
             .first(conn)
             .await?)
+    })
+    .await
+}
+
+/// An operator action recorded with who did it: the change, its audit
+/// event and (for approvals) the approval record commit together.
+pub async fn operate_audited(
+    conn: &mut PgConn,
+    org: &OrgId,
+    job: JobId,
+    action: OperatorAction,
+    actor: &str,
+    request_id: Option<&str>,
+) -> DbResult<Job> {
+    let org = org.clone();
+    conn.transaction(async |conn| {
+        let updated = operate(conn, &org, job, action).await?;
+        let (verb, decision) = match action {
+            OperatorAction::Approve => ("job.approved", Some("approved")),
+            OperatorAction::Reject => ("job.rejected", Some("rejected")),
+            OperatorAction::Cancel { .. } => ("job.cancelled", None),
+            OperatorAction::Retry => ("job.retried", None),
+            OperatorAction::Redrive => ("job.redriven", None),
+        };
+        if let Some(decision) = decision {
+            diesel::insert_into(crate::schema::approvals::table)
+                .values((
+                    crate::schema::approvals::id.eq(Uuid::now_v7()),
+                    crate::schema::approvals::job_id.eq(job.as_uuid()),
+                    crate::schema::approvals::decision.eq(decision),
+                    crate::schema::approvals::decided_by.eq(actor),
+                ))
+                .execute(conn)
+                .await?;
+        }
+        crate::audit::record(
+            conn,
+            crate::audit::Record {
+                org: &org,
+                actor,
+                action: verb,
+                target_type: "job",
+                target_id: job.to_string(),
+                request_id,
+                details: serde_json::json!({ "status": updated.status }),
+            },
+        )
+        .await?;
+        Ok(updated)
     })
     .await
 }

@@ -330,6 +330,8 @@ impl NewJob {
 fn check_text(errors: &mut Errors, field: &str, value: &str, max: usize) {
     if value.trim().is_empty() {
         errors.push(field, "must not be blank");
+    } else if value.contains('\0') {
+        errors.push(field, "must not contain NUL characters");
     } else if value.len() > max {
         errors.push(field, format!("must be at most {max} bytes"));
     }

@@ -60,6 +60,16 @@ pub enum InfraReason {
     AgentRevoked,
 }
 
+impl InfraReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InfraReason::LeaseExpired => "lease_expired",
+            InfraReason::AgentVanished => "agent_vanished",
+            InfraReason::AgentRevoked => "agent_revoked",
+        }
+    }
+}
+
 /// How many attempts of each class a job has used so far.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailureCounts {

@@ -161,12 +161,6 @@ pub fn plan(
     let mut limits = limits.clone();
     let mut result = Plan::default();
     for candidate in ordered {
-        if result.assignments.len() >= max_assignments {
-            result
-                .blocked
-                .insert(candidate.job_id, BlockReason::WaitingForTurn);
-            continue;
-        }
         if let Some(max) = limits.org_max
             && limits.org_running >= max
         {
@@ -215,6 +209,12 @@ pub fn plan(
             result.blocked.insert(candidate.job_id, reason);
             continue;
         };
+        if result.assignments.len() >= max_assignments {
+            result
+                .blocked
+                .insert(candidate.job_id, BlockReason::WaitingForTurn);
+            continue;
+        }
         agents[index].free -= 1;
         limits.org_running += 1;
         if let Some(repo) = candidate.repository_id {

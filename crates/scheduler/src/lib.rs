@@ -32,7 +32,7 @@ pub const SERVICE: &str = "scheduler";
 /// |---|---|---|
 /// | `SCHEDULER_SWEEP_INTERVAL_MS` | `1000` | safety-net sweep period: lease expiry, timeouts, lost wake-ups |
 /// | `SCHEDULER_ACK_TIMEOUT_MS` | `10000` | time an agent has to acknowledge an assignment |
-/// | `SCHEDULER_CANCEL_GRACE_MS` | `30000` | time a cancelled job has to stop before the cancel is forced |
+/// | `CANCEL_GRACE_MS` | `30000` | time a cancelled job has to stop before the cancel is forced |
 /// | `SCHEDULER_AGING_INTERVAL_SECS` | `60` | one priority point per interval waited; 0 disables aging |
 /// | `SCHEDULER_MAX_LEASES_PER_TICK` | `1000` | leases granted per org per tick |
 #[derive(Clone, Debug, PartialEq)]
@@ -78,11 +78,7 @@ impl Settings {
                 "SCHEDULER_ACK_TIMEOUT_MS",
                 parsed(source, "SCHEDULER_ACK_TIMEOUT_MS", 10_000u64)?,
             )?),
-            cancel_grace: Duration::from_millis(parsed(
-                source,
-                "SCHEDULER_CANCEL_GRACE_MS",
-                30_000u64,
-            )?),
+            cancel_grace: Duration::from_millis(parsed(source, "CANCEL_GRACE_MS", 30_000u64)?),
             aging: (aging > 0).then(|| Duration::from_secs(aging)),
             max_leases_per_tick: positive(
                 "SCHEDULER_MAX_LEASES_PER_TICK",

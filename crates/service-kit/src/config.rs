@@ -36,7 +36,8 @@ use std::time::Duration;
 
 use telemetry::{LogFormat, TelemetryConfig};
 
-/// Every variable, for the documentation check.
+/// Every variable any service reads, for the documentation check. Those
+/// read by one service only are documented beside its config too.
 pub const VARIABLES: &[&str] = &[
     "DATABASE_URL",
     "DATABASE_POOL_SIZE",
@@ -57,6 +58,19 @@ pub const VARIABLES: &[&str] = &[
     "GATEWAY_HTTP_ADDR",
     "SCHEDULER_HTTP_ADDR",
     "BROADCASTER_ADDR",
+    // Read by job-api and realtime-broadcaster (`auth::config`).
+    "AUTH_RS256_PUBLIC_KEY",
+    "AUTH_JWKS_URL",
+    "AUTH_HS256_SECRET",
+    "AUTH_ISSUER",
+    "AUTH_AUDIENCE",
+    // Read by job-api and the scheduler.
+    "CANCEL_GRACE_MS",
+    // Read by the scheduler (`scheduler::Settings`).
+    "SCHEDULER_SWEEP_INTERVAL_MS",
+    "SCHEDULER_ACK_TIMEOUT_MS",
+    "SCHEDULER_AGING_INTERVAL_SECS",
+    "SCHEDULER_MAX_LEASES_PER_TICK",
 ];
 
 /// One variable's problem; printed as the single line start-up fails with.

@@ -20,15 +20,37 @@ use crate::problem::Problem;
 #[derive(Clone, Copy)]
 struct RequestDeadline(std::time::Duration);
 
+/// The request's id: the client's `X-Request-ID` when it is sane, else a
+/// new UUIDv7. Returned on the response, logged, and carried into bus
+/// events so one request can be followed everywhere.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestId(pub String);
+
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+fn request_id_of(req: &ServiceRequest) -> String {
+    req.headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.chars().all(|c| c.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
+}
+
 async fn deadline_and_metrics(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    use actix_web::HttpMessage;
+    use tracing::Instrument;
     let started = Instant::now();
     let method = req.method().as_str().to_owned();
+    let request_id = request_id_of(&req);
+    req.extensions_mut().insert(RequestId(request_id.clone()));
+    let span = tracing::info_span!("request", request.id = %request_id, http.method = %method, http.path = %req.path());
     let deadline = req.app_data::<RequestDeadline>().copied();
     let ops = req.app_data::<web::Data<Ops>>().cloned();
-    let call = next.call(req);
+    let call = next.call(req).instrument(span);
     let response = match deadline {
         Some(RequestDeadline(limit)) => match tokio::time::timeout(limit, call).await {
             Ok(result) => result?.map_into_boxed_body(),
@@ -57,6 +79,13 @@ async fn deadline_and_metrics(
         },
         None => call.await?.map_into_boxed_body(),
     };
+    let mut response = response;
+    if let Ok(value) = actix_web::http::header::HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(
+            actix_web::http::header::HeaderName::from_static(REQUEST_ID_HEADER),
+            value,
+        );
+    }
     if let Some(ops) = ops {
         let route = response
             .request()

@@ -1,13 +1,23 @@
 use std::time::Duration;
 
-use test_support::{RedisServer, TestDb, TestRedis, common_config, spawn_service};
+use test_support::{RedisServer, TestDb, TestRedis};
 
-async fn start(db: &TestDb, redis_url: &str, prefix: &str) -> test_support::RunningService {
-    let config = agent_gateway::Config {
-        common: common_config(agent_gateway::SERVICE, db, redis_url, prefix),
-        addr: "127.0.0.1:0".parse().expect("addr"),
-    };
-    spawn_service(move |listener, shutdown| agent_gateway::run(config, listener, shutdown))
+use crate::support::{TestGateway, start as start_gateway};
+
+struct Service(TestGateway);
+
+impl Service {
+    fn url(&self) -> String {
+        self.0.http_url()
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        self.0.stop().await
+    }
+}
+
+async fn start(db: &TestDb, redis_url: &str, prefix: &str) -> Service {
+    Service(start_gateway(db, redis_url, prefix))
 }
 
 #[tokio::test(flavor = "multi_thread")]

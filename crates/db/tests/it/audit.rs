@@ -48,6 +48,7 @@ async fn audit_events_list_newest_first_in_keyset_pages() {
     let mut pages = Vec::new();
     let mut before = None;
     loop {
+        assert!(pages.len() < 10, "paging does not terminate");
         let page = db::audit::list(&mut conn, &org, before, 2)
             .await
             .expect("list");

@@ -290,7 +290,6 @@ async fn wait_for_lock_waiter(conn: &mut db::PgConn) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "bug: lease_job reports concurrency_key_full when it races another lease for the same slot, though a slot is free"]
 async fn a_lease_racing_another_is_not_refused_while_a_slot_is_free() {
     let test_db = TestDb::new().await;
     let mut conn = test_db.conn().await;

@@ -836,7 +836,6 @@ async fn approving_queues_a_job_and_rejecting_cancels_it() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "bug: approving a job resets its run_at to now, so a scheduled job runs early"]
 async fn approving_a_scheduled_job_keeps_its_run_at() {
     let test_db = TestDb::new().await;
     let mut conn = test_db.conn().await;

@@ -32,6 +32,7 @@ async fn migrate_subcommand_applies_nothing_twice_and_exits_zero() {
     let db = TestDb::new().await;
     let output = Command::new(BINARY)
         .arg("migrate")
+        .env("AUTH_HS256_SECRET", "binary-test-secret")
         .env("DATABASE_URL", db.url())
         .env("REDIS_URL", "redis://127.0.0.1:6379")
         .env("LOG_FORMAT", "json")
@@ -59,6 +60,7 @@ async fn sigterm_drains_and_exits_zero() {
         .env("REDIS_URL", redis.url())
         .env("REDIS_KEY_PREFIX", redis.prefix())
         .env("JOB_API_ADDR", format!("127.0.0.1:{port}"))
+        .env("AUTH_HS256_SECRET", "binary-test-secret")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

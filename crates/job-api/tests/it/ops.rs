@@ -6,6 +6,11 @@ async fn start(db: &TestDb, redis_url: &str, prefix: &str) -> test_support::Runn
     let config = job_api::Config {
         common: common_config(job_api::SERVICE, db, redis_url, prefix),
         addr: "127.0.0.1:0".parse().expect("addr"),
+        auth: auth::AuthConfig {
+            hs256_secret: Some("ops-test-secret".into()),
+            ..auth::AuthConfig::default()
+        },
+        cancel_grace: std::time::Duration::from_secs(30),
     };
     spawn_service(move |listener, shutdown| job_api::run(config, listener, shutdown))
 }

@@ -1,0 +1,667 @@
+//! The gRPC side: `Register`, the bidirectional `OpenSession`, gRPC health
+//! checking and server reflection, with message size limits and HTTP/2
+//! keepalive. A session is a task that reads the agent's messages, listens
+//! on the agent's bus channel (assignments, cancels, drain, revocation from
+//! whichever process issued them) and writes the server's messages.
+
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::time::Duration;
+
+use chrono::Utc;
+use domain::JobId;
+use domain::agent::AgentProfile;
+use domain::events::{Envelope, Event, LogStream};
+use domain::job::{JobStatus, Labels};
+use futures_util::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use uuid::Uuid;
+use yard_proto::v1 as pb;
+use yard_proto::v1::agent_gateway_server::{AgentGateway, AgentGatewayServer};
+use yard_proto::v1::agent_message::Msg as AgentMsg;
+use yard_proto::v1::server_message::Msg as ServerMsg;
+
+use crate::config::GrpcSettings;
+use crate::core::{AgentContext, AssignmentView, Finish, Gateway, LogAppend};
+use crate::error::GatewayError;
+use bus::Channel;
+
+/// How long a new session may take to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Outbound messages buffered per session before the agent is too slow.
+const OUTBOUND_BUFFER: usize = 256;
+
+/// The `AgentGateway` gRPC service.
+#[derive(Clone)]
+pub struct AgentGatewayService {
+    gateway: Gateway,
+    shutdown: CancellationToken,
+}
+
+/// Serves gRPC on `listener` until `shutdown`; then sessions are ended
+/// (agents reconnect elsewhere) and the server stops within `drain`.
+pub async fn serve(
+    gateway: Gateway,
+    listener: std::net::TcpListener,
+    settings: &GrpcSettings,
+    shutdown: CancellationToken,
+    drain: Duration,
+) -> anyhow::Result<()> {
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let service = AgentGatewayServer::new(AgentGatewayService {
+        gateway,
+        shutdown: shutdown.clone(),
+    })
+    .max_decoding_message_size(settings.max_message_bytes)
+    .max_encoding_message_size(settings.max_message_bytes);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<AgentGatewayServer<AgentGatewayService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(settings.keepalive_interval))
+        .http2_keepalive_timeout(Some(settings.keepalive_timeout))
+        .tcp_keepalive(Some(settings.keepalive_interval))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), {
+            let shutdown = shutdown.clone();
+            async move {
+                shutdown.cancelled().await;
+                health
+                    .set_not_serving::<AgentGatewayServer<AgentGatewayService>>()
+                    .await;
+            }
+        });
+    tokio::select! {
+        result = server => result?,
+        () = async { shutdown.cancelled().await; tokio::time::sleep(drain).await } => {
+            tracing::warn!("gRPC connections still open after the drain time; closing them");
+        }
+    }
+    Ok(())
+}
+
+fn bearer(metadata: &tonic::metadata::MetadataMap) -> Result<String, GatewayError> {
+    let value = metadata
+        .get("authorization")
+        .ok_or(GatewayError::Unauthenticated(
+            "missing `authorization: Bearer <agent secret>` metadata",
+        ))?
+        .to_str()
+        .map_err(|_| GatewayError::Unauthenticated("malformed authorization metadata"))?;
+    value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .ok_or(GatewayError::Unauthenticated(
+            "authorization metadata must be `Bearer <agent secret>`",
+        ))
+}
+
+fn parse_job(raw: &str) -> Result<JobId, GatewayError> {
+    raw.parse()
+        .map_err(|_| GatewayError::invalid(format!("job_id {raw:?} is not a UUID")))
+}
+
+fn msg(m: ServerMsg) -> pb::ServerMessage {
+    pb::ServerMessage { msg: Some(m) }
+}
+
+pub(crate) fn assignment_message(view: &AssignmentView) -> pb::Assignment {
+    pb::Assignment {
+        job_id: view.job_id.to_string(),
+        epoch: view.epoch,
+        attempt: view.attempt,
+        lease_expires_at_unix_ms: view.lease_expires_at.timestamp_millis(),
+        deadline_unix_ms: view.deadline.map(|d| d.timestamp_millis()),
+        spec: Some(pb::JobSpec {
+            org_id: view.org_id.clone(),
+            queue: view.queue.clone(),
+            command: view.command.clone(),
+            prompt: view.prompt.clone(),
+            metadata_json: view.metadata.to_string(),
+            run_timeout_ms: view.run_timeout_ms,
+            required_labels: view.required_labels.clone(),
+            repository_id: view.repository_id.map(|r| r.to_string()),
+        }),
+    }
+}
+
+type Inbound = Streaming<pb::AgentMessage>;
+type Outbound = mpsc::Sender<Result<pb::ServerMessage, Status>>;
+type Events = Pin<Box<dyn Stream<Item = Envelope> + Send>>;
+
+#[tonic::async_trait]
+impl AgentGateway for AgentGatewayService {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let request = request.into_inner();
+        let profile = AgentProfile {
+            name: request.name,
+            labels: Labels::new(request.labels),
+            capacity: request.capacity,
+            version: request.version,
+        };
+        let registered = self
+            .gateway
+            .register(&request.registration_token, &profile)
+            .await?;
+        Ok(Response::new(pb::RegisterResponse {
+            agent_id: registered.agent.id.to_string(),
+            agent_secret: registered.secret,
+            org_id: registered.agent.org_id,
+            labels: registered.agent.labels,
+        }))
+    }
+
+    type OpenSessionStream = ReceiverStream<Result<pb::ServerMessage, Status>>;
+
+    async fn open_session(
+        &self,
+        request: Request<Inbound>,
+    ) -> Result<Response<Self::OpenSessionStream>, Status> {
+        let secret = bearer(request.metadata())?;
+        let agent = self.gateway.authenticate(&secret).await?;
+        let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
+        let session = Session {
+            gateway: self.gateway.clone(),
+            ctx: AgentContext::from_agent(&agent, Uuid::now_v7())?,
+            tx,
+            offered: HashSet::new(),
+            shutdown: self.shutdown.clone(),
+        };
+        tokio::spawn(session.run(agent, request.into_inner()));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Why a session ended.
+enum End {
+    /// The agent hung up (or its connection broke).
+    Gone,
+    /// The session was ended by the server with this status.
+    Status(Status),
+}
+
+struct Session {
+    gateway: Gateway,
+    ctx: AgentContext,
+    tx: Outbound,
+    /// Assignments already delivered in this session (offers may repeat).
+    offered: HashSet<(JobId, u64)>,
+    shutdown: CancellationToken,
+}
+
+impl Session {
+    async fn run(mut self, agent: db::agents::Agent, mut inbound: Inbound) {
+        let agent_id = self.ctx.id;
+        let opened = self.open(&agent, &mut inbound).await;
+        let mut events = match opened {
+            Ok(events) => events,
+            Err(end) => {
+                if let End::Status(status) = end {
+                    let _ = self.tx.send(Err(status)).await;
+                }
+                return;
+            }
+        };
+        tracing::info!(agent.id = %agent_id, session.id = %self.ctx.session_id, gateway.id = %self.gateway.gateway_id, "session open");
+        let end = self.serve(&mut inbound, &mut events).await;
+        match end {
+            End::Gone => {}
+            End::Status(status) => {
+                let _ = self.tx.send(Err(status)).await;
+            }
+        }
+        tracing::info!(agent.id = %agent_id, session.id = %self.ctx.session_id, "session closed");
+        self.gateway.close_session_later(&self.ctx, None);
+    }
+
+    async fn send(&self, m: ServerMsg) -> Result<(), End> {
+        self.tx.send(Ok(msg(m))).await.map_err(|_| End::Gone)
+    }
+
+    async fn subscribe(&self) -> Result<Events, GatewayError> {
+        let stream = self
+            .gateway
+            .bus
+            .subscribe(&[Channel::Agent(self.ctx.id)])
+            .await?;
+        Ok(Box::pin(stream))
+    }
+
+    /// Hello, subscription, online, welcome, resume, redelivery.
+    async fn open(
+        &mut self,
+        agent: &db::agents::Agent,
+        inbound: &mut Inbound,
+    ) -> Result<Events, End> {
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+            Err(_) => {
+                return Err(End::Status(Status::deadline_exceeded(
+                    "no hello within 10 s of opening the session",
+                )));
+            }
+            Ok(Err(_) | Ok(None)) => return Err(End::Gone),
+            Ok(Ok(Some(pb::AgentMessage {
+                msg: Some(AgentMsg::Hello(hello)),
+            }))) => hello,
+            Ok(Ok(Some(_))) => {
+                return Err(End::Status(Status::invalid_argument(
+                    "the first message of a session must be hello",
+                )));
+            }
+        };
+        // Subscribe before going online, so no assignment offered after the
+        // scheduler sees us online can be missed.
+        let events = self.subscribe().await.map_err(|e| End::Status(e.into()))?;
+        self.gateway
+            .open_session(
+                agent,
+                self.ctx.session_id,
+                &hello.labels,
+                hello.capacity,
+                &hello.version,
+            )
+            .await
+            .map_err(|e| End::Status(e.into()))?;
+        let settings = &self.gateway.settings;
+        self.send(ServerMsg::Welcome(pb::Welcome {
+            agent_id: self.ctx.id.to_string(),
+            session_id: self.ctx.session_id.to_string(),
+            gateway_id: self.gateway.gateway_id.clone(),
+            heartbeat_interval_ms: settings.heartbeat_interval.as_millis() as u64,
+            lease_ttl_ms: settings.lease_ttl.as_millis() as u64,
+            limits: Some(pb::Limits {
+                max_log_chunk_bytes: settings.log_chunk_max_bytes as u64,
+                max_message_bytes: 0,
+                default_cancel_grace_ms: settings.cancel_grace.as_millis() as u64,
+            }),
+            server_time_unix_ms: Utc::now().timestamp_millis(),
+        }))
+        .await?;
+        if !hello.running.is_empty() {
+            self.resume(&hello.running).await?;
+        }
+        self.redeliver().await?;
+        Ok(events)
+    }
+
+    /// Jobs the agent still runs after a reconnect: renew their leases
+    /// (same epoch), tell it where each log stands, or that it is stale.
+    async fn resume(&mut self, running: &[pb::RunningJob]) -> Result<(), End> {
+        let mut held = Vec::new();
+        for job in running {
+            match parse_job(&job.job_id) {
+                Ok(id) => held.push((id, job.epoch)),
+                Err(e) => self.refuse(&job.job_id, e).await?,
+            }
+        }
+        self.renew(&held).await?;
+        for (job, epoch) in held {
+            match self.gateway.committed_offset(job, epoch).await {
+                Ok(committed) => {
+                    self.send(ServerMsg::LogAck(pb::LogAck {
+                        job_id: job.to_string(),
+                        epoch,
+                        committed_offset: committed,
+                    }))
+                    .await?
+                }
+                Err(e) => self.refuse(&job.to_string(), e).await?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Delivers assignments leased to the agent but not yet acknowledged.
+    async fn redeliver(&mut self) -> Result<(), End> {
+        match self.gateway.pending_assignments(&self.ctx).await {
+            Ok(pending) => {
+                for view in pending {
+                    self.deliver(view).await?;
+                }
+            }
+            Err(e) => e.log(),
+        }
+        Ok(())
+    }
+
+    async fn deliver(&mut self, view: AssignmentView) -> Result<(), End> {
+        if self.offered.insert((view.job_id, view.epoch)) {
+            tracing::info!(job.id = %view.job_id, job.epoch = view.epoch, agent.id = %self.ctx.id, "assignment delivered");
+            self.send(ServerMsg::Assignment(assignment_message(&view)))
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn serve(&mut self, inbound: &mut Inbound, events: &mut Events) -> End {
+        let mut resubscribe: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        loop {
+            let step = tokio::select! {
+                () = self.shutdown.cancelled() => {
+                    return End::Status(Status::unavailable("the gateway is shutting down; reconnect"));
+                }
+                message = inbound.message() => match message {
+                    Ok(Some(message)) => self.handle(message).await,
+                    Ok(None) => return End::Gone,
+                    Err(status) => {
+                        tracing::debug!(error = %status, "agent stream ended");
+                        return End::Gone;
+                    }
+                },
+                event = events.next(), if resubscribe.is_none() => match event {
+                    Some(envelope) => self.on_event(envelope).await,
+                    None => {
+                        tracing::warn!(agent.id = %self.ctx.id, "bus subscription lost; resubscribing");
+                        resubscribe = Some(Box::pin(tokio::time::sleep(Duration::from_millis(500))));
+                        Ok(())
+                    }
+                },
+                () = async { if let Some(sleep) = resubscribe.as_mut() { sleep.await } }, if resubscribe.is_some() => {
+                    match self.subscribe().await {
+                        Ok(stream) => {
+                            *events = stream;
+                            resubscribe = None;
+                            // Offers published while we were deaf.
+                            self.redeliver().await
+                        }
+                        Err(_) => {
+                            resubscribe = Some(Box::pin(tokio::time::sleep(Duration::from_secs(1))));
+                            Ok(())
+                        }
+                    }
+                }
+            };
+            if let Err(end) = step {
+                return end;
+            }
+        }
+    }
+
+    /// Answers a refused write without ending the session.
+    async fn refuse(&mut self, job: &str, error: GatewayError) -> Result<(), End> {
+        error.log();
+        match error {
+            GatewayError::Stale {
+                job: id,
+                given,
+                current,
+            } => {
+                self.send(ServerMsg::Stale(pb::Stale {
+                    job_id: id.to_string(),
+                    your_epoch: given,
+                    current_epoch: current,
+                }))
+                .await
+            }
+            other => {
+                self.send(ServerMsg::Error(pb::Error {
+                    job_id: job.to_owned(),
+                    code: other.code() as i32,
+                    message: other.to_string(),
+                }))
+                .await
+            }
+        }
+    }
+
+    async fn renew(&mut self, held: &[(JobId, u64)]) -> Result<(), End> {
+        let renewal = match self.gateway.heartbeat(&self.ctx, held).await {
+            Ok(renewal) => renewal,
+            Err(e) => return self.refuse("", e).await,
+        };
+        for lease in renewal.extended {
+            self.send(ServerMsg::LeaseUpdate(pb::LeaseUpdate {
+                job_id: lease.job_id.to_string(),
+                epoch: lease.epoch.max(0) as u64,
+                lease_expires_at_unix_ms: lease.expires_at.timestamp_millis(),
+                cancel_requested: lease.cancel_requested,
+            }))
+            .await?;
+        }
+        for (job, epoch) in renewal.stale {
+            let error = self.gateway.explain_unextended(&self.ctx, job, epoch).await;
+            match error {
+                // Ended while the agent was away (it reported, or the job
+                // was cancelled or re-leased): stop it.
+                GatewayError::Transition { .. }
+                | GatewayError::UnknownJob(_)
+                | GatewayError::NotYourJob(_) => {
+                    self.send(ServerMsg::Stale(pb::Stale {
+                        job_id: job.to_string(),
+                        your_epoch: epoch,
+                        current_epoch: 0,
+                    }))
+                    .await?
+                }
+                other => self.refuse(&job.to_string(), other).await?,
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle(&mut self, message: pb::AgentMessage) -> Result<(), End> {
+        let Some(message) = message.msg else {
+            return self
+                .refuse(
+                    "",
+                    GatewayError::invalid("empty agent message (no field of `msg` set)"),
+                )
+                .await;
+        };
+        match message {
+            AgentMsg::Hello(_) => {
+                self.refuse(
+                    "",
+                    GatewayError::invalid("hello may only be the first message"),
+                )
+                .await
+            }
+            AgentMsg::Heartbeat(heartbeat) => {
+                let mut held = Vec::with_capacity(heartbeat.running.len());
+                for job in &heartbeat.running {
+                    match parse_job(&job.job_id) {
+                        Ok(id) => held.push((id, job.epoch)),
+                        Err(e) => self.refuse(&job.job_id, e).await?,
+                    }
+                }
+                self.renew(&held).await
+            }
+            AgentMsg::AssignmentAck(ack) => {
+                let result = match parse_job(&ack.job_id) {
+                    Ok(job) => self.gateway.acknowledge(&self.ctx, job, ack.epoch).await,
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(job) => {
+                        tracing::info!(job.id = %ack.job_id, job.epoch = ack.epoch, "assignment acknowledged");
+                        self.send(ServerMsg::LeaseUpdate(pb::LeaseUpdate {
+                            job_id: ack.job_id,
+                            epoch: ack.epoch,
+                            lease_expires_at_unix_ms: job
+                                .lease_expires_at
+                                .map_or(0, |at| at.timestamp_millis()),
+                            cancel_requested: job.status() == JobStatus::CancelRequested,
+                        }))
+                        .await
+                    }
+                    Err(e) => self.refuse(&ack.job_id, e).await,
+                }
+            }
+            AgentMsg::AssignmentReject(reject) => {
+                let result = match parse_job(&reject.job_id) {
+                    Ok(job) => {
+                        tracing::info!(job.id = %job, reason = %reject.reason, "assignment rejected");
+                        self.gateway
+                            .release(&self.ctx, job, reject.epoch, Duration::ZERO)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(_) => Ok(()),
+                    Err(e) => self.refuse(&reject.job_id, e).await,
+                }
+            }
+            AgentMsg::LogChunk(chunk) => self.on_log_chunk(chunk).await,
+            AgentMsg::StatusUpdate(update) => {
+                tracing::debug!(job.id = %update.job_id, job.epoch = update.epoch, message = %update.message, "status update");
+                Ok(())
+            }
+            AgentMsg::Result(result) => {
+                let finish = match pb::Outcome::try_from(result.outcome) {
+                    Ok(pb::Outcome::Succeeded) => Finish::Succeeded {
+                        exit_code: result.exit_code,
+                    },
+                    Ok(pb::Outcome::Failed) => Finish::Failed {
+                        exit_code: result.exit_code,
+                        error_kind: Some(result.error_kind.clone()).filter(|k| !k.is_empty()),
+                        message: Some(result.message.clone()).filter(|m| !m.is_empty()),
+                    },
+                    _ => {
+                        return self
+                            .refuse(
+                                &result.job_id,
+                                GatewayError::invalid("result.outcome must be SUCCEEDED or FAILED"),
+                            )
+                            .await;
+                    }
+                };
+                self.finish(&result.job_id, result.epoch, finish).await
+            }
+            AgentMsg::CancelAck(ack) => {
+                self.finish(&ack.job_id, ack.epoch, Finish::CancelAcknowledged)
+                    .await
+            }
+            AgentMsg::Draining(_) => match self.gateway.drain(&self.ctx).await {
+                Ok(()) => Ok(()),
+                Err(e) => self.refuse("", e).await,
+            },
+        }
+    }
+
+    async fn finish(&mut self, job: &str, epoch: u64, finish: Finish) -> Result<(), End> {
+        let result = match parse_job(job) {
+            Ok(id) => self.gateway.finish(&self.ctx, id, epoch, finish).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(status) => {
+                tracing::info!(job.id = %job, job.epoch = epoch, job.status = %status, "attempt ended");
+                self.send(ServerMsg::ResultAck(pb::ResultAck {
+                    job_id: job.to_owned(),
+                    epoch,
+                    status: status.as_str().to_owned(),
+                }))
+                .await
+            }
+            Err(e) => self.refuse(job, e).await,
+        }
+    }
+
+    async fn on_log_chunk(&mut self, chunk: pb::LogChunk) -> Result<(), End> {
+        let stream = match pb::LogStream::try_from(chunk.stream) {
+            Ok(pb::LogStream::Stdout) => LogStream::Stdout,
+            Ok(pb::LogStream::Stderr) => LogStream::Stderr,
+            Ok(pb::LogStream::System) => LogStream::System,
+            _ => {
+                return self
+                    .refuse(
+                        &chunk.job_id,
+                        GatewayError::invalid("log_chunk.stream must be STDOUT, STDERR or SYSTEM"),
+                    )
+                    .await;
+            }
+        };
+        let result = match parse_job(&chunk.job_id) {
+            Ok(job) => {
+                self.gateway
+                    .append_logs(
+                        &self.ctx,
+                        job,
+                        chunk.epoch,
+                        stream,
+                        chunk.offset,
+                        &chunk.data,
+                    )
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        let committed = match result {
+            Ok(LogAppend::Committed(committed)) | Ok(LogAppend::Gap { committed }) => committed,
+            Err(e) => return self.refuse(&chunk.job_id, e).await,
+        };
+        self.send(ServerMsg::LogAck(pb::LogAck {
+            job_id: chunk.job_id,
+            epoch: chunk.epoch,
+            committed_offset: committed,
+        }))
+        .await
+    }
+
+    async fn on_event(&mut self, envelope: Envelope) -> Result<(), End> {
+        match envelope.event {
+            Event::AssignmentOffered {
+                agent_id,
+                job_id,
+                epoch,
+                ..
+            } if agent_id == self.ctx.id => {
+                match self.gateway.assignment(&self.ctx, job_id, epoch).await {
+                    Ok(Some(view)) => self.deliver(view).await,
+                    Ok(None) => Ok(()),
+                    Err(e) => {
+                        // The lease lapses and is requeued if we cannot deliver.
+                        e.log();
+                        Ok(())
+                    }
+                }
+            }
+            Event::CancelRequested {
+                agent_id,
+                job_id,
+                epoch,
+                grace_ms,
+            } if agent_id == self.ctx.id => {
+                tracing::info!(job.id = %job_id, job.epoch = epoch, "cancel delivered");
+                self.send(ServerMsg::Cancel(pb::Cancel {
+                    job_id: job_id.to_string(),
+                    epoch,
+                    grace_period_ms: grace_ms,
+                    reason: "cancel requested".to_owned(),
+                }))
+                .await
+            }
+            Event::DrainRequested { agent_id } if agent_id == self.ctx.id => {
+                self.send(ServerMsg::Drain(pb::Drain {
+                    reason: "drain requested by an operator".to_owned(),
+                }))
+                .await
+            }
+            Event::AgentRevoked { agent_id } if agent_id == self.ctx.id => {
+                tracing::info!(agent.id = %agent_id, "agent revoked; ending its session");
+                crate::tokens::revoke_all(&self.gateway.bus, agent_id).await;
+                Err(End::Status(Status::unauthenticated(
+                    "this agent's credential was revoked",
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,599 @@
+//! The gRPC session, spoken message by message.
+
+use std::time::{Duration, Instant};
+
+use domain::agent::AgentStatus;
+use domain::events::Event;
+use domain::job::JobStatus;
+use test_support::{TestDb, TestRedis};
+use yard_proto::v1 as pb;
+use yard_proto::v1::agent_message::Msg as AgentMsg;
+use yard_proto::v1::server_message::Msg as ServerMsg;
+
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn register_session_assignment_logs_result_job_succeeds() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let bus = bus(redis.url(), redis.prefix());
+    let gateway = start(&db, redis.url(), redis.prefix());
+    let token = registration_token(&db).await;
+    let agent = register(&gateway, &token, "runner-1").await;
+
+    let mut session = RawSession::open(&gateway.grpc_url(), &agent.secret, vec![]).await;
+    assert_eq!(session.welcome.agent_id, agent.id.to_string());
+    assert_eq!(session.welcome.heartbeat_interval_ms, 200);
+    wait_online(&db, agent.id).await;
+
+    let job = submit(&db, "echo hello").await;
+    let lease = offer(&db, &bus, job, agent.id).await;
+    let assignment = session.assignment().await;
+    assert_eq!(assignment.job_id, job.to_string());
+    assert_eq!(assignment.epoch, lease.epoch as u64);
+    assert_eq!(assignment.attempt, 1);
+    let spec = assignment.spec.expect("spec");
+    assert_eq!(spec.command.as_deref(), Some("echo hello"));
+    assert_eq!(spec.metadata_json, r#"{"ticket":"T-1"}"#);
+    let epoch = assignment.epoch;
+
+    session
+        .send(AgentMsg::AssignmentAck(pb::AssignmentAck {
+            job_id: job.to_string(),
+            epoch,
+        }))
+        .await;
+    let update = session
+        .next_where(|m| match m {
+            ServerMsg::LeaseUpdate(u) => Some(u),
+            _ => None,
+        })
+        .await;
+    assert_eq!(update.epoch, epoch);
+    assert_eq!(job_row(&db, job).await.status(), JobStatus::Running);
+
+    // Two chunks, then the first resent: stored once, sequence contiguous.
+    session.send(chunk(job, epoch, 0, "line 1\nline 2\n")).await;
+    session.send(chunk(job, epoch, 14, "line 3\n")).await;
+    session.send(chunk(job, epoch, 0, "line 1\nline 2\n")).await;
+    let mut acks = Vec::new();
+    while acks.len() < 3 {
+        if let ServerMsg::LogAck(ack) = session.next().await {
+            acks.push(ack.committed_offset);
+        }
+    }
+    assert_eq!(acks, [14, 21, 21]);
+    let lines = log_lines(&db, job).await;
+    assert_eq!(
+        lines,
+        [
+            (1, "line 1".to_owned()),
+            (2, "line 2".to_owned()),
+            (3, "line 3".to_owned())
+        ]
+    );
+
+    session
+        .send(AgentMsg::Heartbeat(pb::Heartbeat {
+            running: vec![pb::RunningJob {
+                job_id: job.to_string(),
+                epoch,
+                log_offset: 21,
+            }],
+        }))
+        .await;
+    let renewed = session
+        .next_where(|m| match m {
+            ServerMsg::LeaseUpdate(u) => Some(u),
+            _ => None,
+        })
+        .await;
+    assert!(!renewed.cancel_requested);
+
+    session.send(result(job, epoch, 0)).await;
+    let ack = session
+        .next_where(|m| match m {
+            ServerMsg::ResultAck(a) => Some(a),
+            _ => None,
+        })
+        .await;
+    assert_eq!(ack.status, "succeeded");
+    let row = job_row(&db, job).await;
+    assert_eq!(row.status(), JobStatus::Succeeded);
+    assert_eq!(row.exit_code, Some(0));
+
+    // The same result again (a resend after a reconnect) is harmless.
+    session.send(result(job, epoch, 0)).await;
+    let again = session
+        .next_where(|m| match m {
+            ServerMsg::ResultAck(a) => Some(a),
+            _ => None,
+        })
+        .await;
+    assert_eq!(again.status, "succeeded");
+    gateway.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_with_a_stale_epoch_is_answered_stale_and_changes_nothing() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let bus = bus(redis.url(), redis.prefix());
+    let gateway = start(&db, redis.url(), redis.prefix());
+    let token = registration_token(&db).await;
+    let agent = register(&gateway, &token, "runner-1").await;
+    let mut session = RawSession::open(&gateway.grpc_url(), &agent.secret, vec![]).await;
+    wait_online(&db, agent.id).await;
+
+    let job = submit(&db, "true").await;
+    offer(&db, &bus, job, agent.id).await;
+    let old = session.assignment().await.epoch;
+    // The agent never acknowledges; the lease is given back and re-leased.
+    {
+        let mut conn = db.conn().await;
+        db::leases::end_attempt(
+            &mut conn,
+            job,
+            Some(old),
+            db::leases::Ending::Released {
+                delay: Duration::ZERO,
+            },
+        )
+        .await
+        .expect("release");
+    }
+    let current = offer(&db, &bus, job, agent.id).await.epoch as u64;
+    assert_eq!(current, old + 1);
+    let before = job_row(&db, job).await;
+
+    for stale_write in [
+        AgentMsg::AssignmentAck(pb::AssignmentAck {
+            job_id: job.to_string(),
+            epoch: old,
+        }),
+        chunk(job, old, 0, "ghost\n"),
+        result(job, old, 0),
+    ] {
+        session.send(stale_write).await;
+        let stale = session
+            .next_where(|m| match m {
+                ServerMsg::Stale(s) => Some(s),
+                _ => None,
+            })
+            .await;
+        assert_eq!(stale.job_id, job.to_string());
+        assert_eq!(stale.your_epoch, old);
+        assert_eq!(stale.current_epoch, current);
+    }
+    let after = job_row(&db, job).await;
+    assert_eq!(after.status(), JobStatus::Leased);
+    assert_eq!(after.lease_epoch, before.lease_epoch);
+    assert_eq!(after.updated_at, before.updated_at);
+    assert!(log_lines(&db, job).await.is_empty());
+
+    // The session is still up: the current epoch works.
+    session
+        .send(AgentMsg::AssignmentAck(pb::AssignmentAck {
+            job_id: job.to_string(),
+            epoch: current,
+        }))
+        .await;
+    session
+        .next_where(|m| match m {
+            ServerMsg::LeaseUpdate(u) if u.epoch == current => Some(u),
+            _ => None,
+        })
+        .await;
+    assert_eq!(job_row(&db, job).await.status(), JobStatus::Running);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_is_refused_with_a_clear_code_and_the_session_stays_up() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let bus = bus(redis.url(), redis.prefix());
+    let gateway = start(&db, redis.url(), redis.prefix());
+    let token = registration_token(&db).await;
+    let agent = register(&gateway, &token, "runner-1").await;
+    let mut session = RawSession::open(&gateway.grpc_url(), &agent.secret, vec![]).await;
+    wait_online(&db, agent.id).await;
+
+    let unknown = domain::JobId::new();
+    session.send(chunk(unknown, 1, 0, "x\n")).await;
+    let ServerMsg::Error(error) = session.next().await else {
+        panic!("expected an error");
+    };
+    assert_eq!(error.code, tonic::Code::InvalidArgument as i32);
+    assert!(error.message.contains("unknown job"), "{}", error.message);
+
+    session
+        .send(AgentMsg::AssignmentAck(pb::AssignmentAck {
+            job_id: "not-a-uuid".into(),
+            epoch: 1,
+        }))
+        .await;
+    let ServerMsg::Error(error) = session.next().await else {
+        panic!("expected an error");
+    };
+    assert_eq!(error.code, tonic::Code::InvalidArgument as i32);
+    assert!(error.message.contains("not a UUID"), "{}", error.message);
+
+    session
+        .tx
+        .send(pb::AgentMessage { msg: None })
+        .await
+        .expect("send");
+    let ServerMsg::Error(error) = session.next().await else {
+        panic!("expected an error");
+    };
+    assert_eq!(error.code, tonic::Code::InvalidArgument as i32);
+
+    let job = submit(&db, "true").await;
+    let epoch = offer(&db, &bus, job, agent.id).await.epoch as u64;
+    session.assignment().await;
+    let oversized = "x".repeat(70_000);
+    session.send(chunk(job, epoch, 0, &oversized)).await;
+    let ServerMsg::Error(error) = session.next().await else {
+        panic!("expected an error");
+    };
+    assert_eq!(error.code, tonic::Code::InvalidArgument as i32);
+    assert!(
+        error.message.contains("exceeds the limit"),
+        "{}",
+        error.message
+    );
+
+    // A result for a job that is merely leased (never acknowledged) is a
+    // failed precondition.
+    session
+        .send(AgentMsg::CancelAck(pb::CancelAck {
+            job_id: job.to_string(),
+            epoch,
+        }))
+        .await;
+    let ServerMsg::Error(error) = session.next().await else {
+        panic!("expected an error");
+    };
+    assert_eq!(error.code, tonic::Code::FailedPrecondition as i32);
+
+    // Still serving this agent.
+    session
+        .send(AgentMsg::AssignmentAck(pb::AssignmentAck {
+            job_id: job.to_string(),
+            epoch,
+        }))
+        .await;
+    session
+        .next_where(|m| match m {
+            ServerMsg::LeaseUpdate(u) => Some(u),
+            _ => None,
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_without_a_valid_secret_is_unauthenticated() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let gateway = start(&db, redis.url(), redis.prefix());
+    let error = RawSession::try_open(&gateway.grpc_url(), "sya_wrong", vec![])
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(error.code(), tonic::Code::Unauthenticated);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn revoking_an_agent_ends_its_session_within_a_second() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let bus = bus(redis.url(), redis.prefix());
+    let gateway = start(&db, redis.url(), redis.prefix());
+    let token = registration_token(&db).await;
+    let agent = register(&gateway, &token, "runner-1").await;
+    let mut session = RawSession::open(&gateway.grpc_url(), &agent.secret, vec![]).await;
+    wait_online(&db, agent.id).await;
+
+    {
+        let mut conn = db.conn().await;
+        db::agents::revoke(&mut conn, &org(), agent.id)
+            .await
+            .expect("revoke");
+    }
+    let revoked_at = Instant::now();
+    publish_to_agent(&bus, agent.id, Event::AgentRevoked { agent_id: agent.id }).await;
+    let ended = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            match session.rx.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(status) => return Some(status),
+            }
+        }
+    })
+    .await
+    .expect("session ended within a second");
+    assert_eq!(
+        ended.expect("ended with a status").code(),
+        tonic::Code::Unauthenticated
+    );
+    assert!(revoked_at.elapsed() < Duration::from_secs(1));
+    // And it cannot come back.
+    let again = RawSession::try_open(&gateway.grpc_url(), &agent.secret, vec![])
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(again.code(), tonic::Code::Unauthenticated);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_disconnected_agent_goes_offline_after_the_grace_unless_it_is_back() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let gateway = start(&db, redis.url(), redis.prefix());
+    let token = registration_token(&db).await;
+    let agent = register(&gateway, &token, "runner-1").await;
+
+    // Disconnect and reconnect at once: still online after the grace.
+    let first = RawSession::open(&gateway.grpc_url(), &agent.secret, vec![]).await;
+    wait_online(&db, agent.id).await;
+    drop(first);
+    let second = RawSession::open(&gateway.grpc_url(), &agent.secret, vec![]).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(agent_status(&db, agent.id).await, AgentStatus::Online);
+
+    drop(second);
+    eventually("agent offline", || async {
+        agent_status(&db, agent.id).await == AgentStatus::Offline
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_and_drain_are_pushed_to_the_session() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let bus = bus(redis.url(), redis.prefix());
+    let gateway = start(&db, redis.url(), redis.prefix());
+    let token = registration_token(&db).await;
+    let agent = register(&gateway, &token, "runner-1").await;
+    let mut session = RawSession::open(&gateway.grpc_url(), &agent.secret, vec![]).await;
+    wait_online(&db, agent.id).await;
+    let job = submit(&db, "sleep 600").await;
+    let epoch = offer(&db, &bus, job, agent.id).await.epoch as u64;
+    session.assignment().await;
+    session
+        .send(AgentMsg::AssignmentAck(pb::AssignmentAck {
+            job_id: job.to_string(),
+            epoch,
+        }))
+        .await;
+    eventually("running", || async {
+        job_row(&db, job).await.status() == JobStatus::Running
+    })
+    .await;
+
+    // What job-api does for a cancel.
+    {
+        let mut conn = db.conn().await;
+        db::leases::operate(
+            &mut conn,
+            &org(),
+            job,
+            db::leases::OperatorAction::Cancel {
+                grace: Duration::from_secs(5),
+            },
+        )
+        .await
+        .expect("cancel");
+    }
+    publish_to_agent(
+        &bus,
+        agent.id,
+        Event::CancelRequested {
+            agent_id: agent.id,
+            job_id: job,
+            epoch,
+            grace_ms: 5000,
+        },
+    )
+    .await;
+    let cancel = session
+        .next_where(|m| match m {
+            ServerMsg::Cancel(c) => Some(c),
+            _ => None,
+        })
+        .await;
+    assert_eq!(cancel.grace_period_ms, 5000);
+    // The heartbeat reply also says so (repairs a lost push).
+    session
+        .send(AgentMsg::Heartbeat(pb::Heartbeat {
+            running: vec![pb::RunningJob {
+                job_id: job.to_string(),
+                epoch,
+                log_offset: 0,
+            }],
+        }))
+        .await;
+    let update = session
+        .next_where(|m| match m {
+            ServerMsg::LeaseUpdate(u) => Some(u),
+            _ => None,
+        })
+        .await;
+    assert!(update.cancel_requested);
+    session
+        .send(AgentMsg::CancelAck(pb::CancelAck {
+            job_id: job.to_string(),
+            epoch,
+        }))
+        .await;
+    let ack = session
+        .next_where(|m| match m {
+            ServerMsg::ResultAck(a) => Some(a),
+            _ => None,
+        })
+        .await;
+    assert_eq!(ack.status, "cancelled");
+    assert_eq!(job_row(&db, job).await.status(), JobStatus::Cancelled);
+
+    publish_to_agent(&bus, agent.id, Event::DrainRequested { agent_id: agent.id }).await;
+    session
+        .next_where(|m| match m {
+            ServerMsg::Drain(d) => Some(d),
+            _ => None,
+        })
+        .await;
+    session.send(AgentMsg::Draining(pb::Draining {})).await;
+    eventually("draining", || async {
+        agent_status(&db, agent.id).await == AgentStatus::Draining
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_resumes_on_another_gateway_with_the_same_epoch() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let bus = bus(redis.url(), redis.prefix());
+    let first = start(&db, redis.url(), redis.prefix());
+    let second = start(&db, redis.url(), redis.prefix());
+    let token = registration_token(&db).await;
+    let agent = register(&first, &token, "runner-1").await;
+
+    let mut session = RawSession::open(&first.grpc_url(), &agent.secret, vec![]).await;
+    wait_online(&db, agent.id).await;
+    let job = submit(&db, "long job").await;
+    let epoch = offer(&db, &bus, job, agent.id).await.epoch as u64;
+    session.assignment().await;
+    session
+        .send(AgentMsg::AssignmentAck(pb::AssignmentAck {
+            job_id: job.to_string(),
+            epoch,
+        }))
+        .await;
+    session.send(chunk(job, epoch, 0, "before\n")).await;
+    session
+        .next_where(|m| match m {
+            ServerMsg::LogAck(a) if a.committed_offset == 7 => Some(a),
+            _ => None,
+        })
+        .await;
+
+    // The first gateway dies; the agent comes back on the second.
+    first.stop().await.expect("first gateway stops");
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            match session.rx.message().await {
+                Ok(Some(_)) => continue,
+                other => return other.err(),
+            }
+        }
+    })
+    .await
+    .expect("session ends");
+    assert_eq!(ended.map(|s| s.code()), Some(tonic::Code::Unavailable));
+
+    let mut resumed = RawSession::open(
+        &second.grpc_url(),
+        &agent.secret,
+        vec![pb::RunningJob {
+            job_id: job.to_string(),
+            epoch,
+            log_offset: 15,
+        }],
+    )
+    .await;
+    assert_ne!(resumed.welcome.gateway_id, "");
+    let lease = resumed
+        .next_where(|m| match m {
+            ServerMsg::LeaseUpdate(u) => Some(u),
+            _ => None,
+        })
+        .await;
+    assert_eq!(lease.epoch, epoch);
+    let log_ack = resumed
+        .next_where(|m| match m {
+            ServerMsg::LogAck(a) => Some(a),
+            _ => None,
+        })
+        .await;
+    assert_eq!(
+        log_ack.committed_offset, 7,
+        "resume logs from the committed offset"
+    );
+    resumed.send(chunk(job, epoch, 7, "after\n")).await;
+    resumed.send(result(job, epoch, 0)).await;
+    let ack = resumed
+        .next_where(|m| match m {
+            ServerMsg::ResultAck(a) => Some(a),
+            _ => None,
+        })
+        .await;
+    assert_eq!(ack.status, "succeeded");
+    let row = job_row(&db, job).await;
+    assert_eq!(row.lease_epoch as u64, epoch, "the same attempt finished");
+    assert_eq!(row.app_failures + row.infra_failures, 0);
+    assert_eq!(
+        log_lines(&db, job).await,
+        [(1, "before".to_owned()), (2, "after".to_owned())]
+    );
+    // The old gateway's offline timer does not touch the new session.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(agent_status(&db, agent.id).await, AgentStatus::Online);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_health_and_reflection_answer() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let gateway = start(&db, redis.url(), redis.prefix());
+    let channel = tonic::transport::Endpoint::from_shared(gateway.grpc_url())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let answer = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "switchyard.agent.v1.AgentGateway".into(),
+        })
+        .await
+        .expect("health check")
+        .into_inner();
+    assert_eq!(
+        answer.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = reflection
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let answer = answers
+        .message()
+        .await
+        .expect("answer")
+        .expect("one answer");
+    let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+        panic!("expected a service list");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"switchyard.agent.v1.AgentGateway".to_owned()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_owned()),
+        "{names:?}"
+    );
+}

@@ -1,0 +1,7 @@
+//! Every `/v1` route, one module per resource, each with a `configure`.
+
+pub mod agents;
+pub mod jobs;
+pub mod operations;
+pub mod orgs;
+pub mod repositories;

@@ -1,0 +1,69 @@
+//! Shared application state.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bus::{Bus, Channel};
+use db::Db;
+use domain::OrgId;
+use domain::events::{Envelope, Event};
+
+use crate::error::ApiResult;
+
+pub struct AppState {
+    pub db: Db,
+    pub bus: Bus,
+    pub verifier: auth::Verifier,
+    pub cancel_grace: Duration,
+    /// Orgs whose row is known to exist (created on first use).
+    known_orgs: Mutex<HashSet<OrgId>>,
+}
+
+impl AppState {
+    pub fn new(db: Db, bus: Bus, verifier: auth::Verifier, cancel_grace: Duration) -> Self {
+        Self {
+            db,
+            bus,
+            verifier,
+            cancel_grace,
+            known_orgs: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Creates the org's row on first use (membership itself is the token's).
+    pub async fn ensure_org(&self, org: &OrgId, name: Option<&str>) -> ApiResult<()> {
+        if self
+            .known_orgs
+            .lock()
+            .map(|set| set.contains(org))
+            .unwrap_or(false)
+        {
+            return Ok(());
+        }
+        let mut conn = self.db.conn().await?;
+        db::orgs::ensure_org(&mut conn, org, name).await?;
+        if let Ok(mut set) = self.known_orgs.lock() {
+            set.insert(org.clone());
+        }
+        Ok(())
+    }
+
+    /// Publishes after commit; a lost message is repaired by the sweeps.
+    pub async fn publish(
+        &self,
+        channel: Channel,
+        org: &OrgId,
+        event: Event,
+        request_id: Option<&str>,
+    ) {
+        let envelope = Envelope::new(org.clone(), event)
+            .with_request_id(request_id.map(str::to_owned))
+            .with_trace(telemetry::current_trace_context());
+        if matches!(envelope.event, Event::JobStatusChanged { .. }) {
+            self.bus.job_status_changed(&envelope).await;
+        } else {
+            self.bus.publish_best_effort(&channel, &envelope).await;
+        }
+    }
+}

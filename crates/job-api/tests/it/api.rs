@@ -1,0 +1,532 @@
+//! The REST surface against real PostgreSQL and Redis.
+
+use std::time::Duration;
+
+use auth::Role;
+use domain::OrgId;
+use reqwest::{Client, Method, StatusCode};
+use serde_json::{Value, json};
+use test_support::{RunningService, TestDb, TestRedis, common_config, spawn_service};
+
+const SECRET: &str = "api-test-secret";
+
+pub struct Api {
+    pub service: RunningService,
+    pub db: TestDb,
+    _redis: TestRedis,
+    pub client: Client,
+}
+
+impl Api {
+    pub async fn start() -> Self {
+        let db = TestDb::new().await;
+        let redis = TestRedis::new();
+        let config = job_api::Config {
+            common: common_config(job_api::SERVICE, &db, redis.url(), redis.prefix()),
+            addr: "127.0.0.1:0".parse().expect("addr"),
+            auth: auth::AuthConfig {
+                hs256_secret: Some(SECRET.into()),
+                ..auth::AuthConfig::default()
+            },
+            cancel_grace: Duration::from_secs(30),
+        };
+        let service =
+            spawn_service(move |listener, shutdown| job_api::run(config, listener, shutdown));
+        Self {
+            service,
+            db,
+            _redis: redis,
+            client: Client::new(),
+        }
+    }
+
+    pub fn token(org: &str, role: Role) -> String {
+        auth::dev::mint_hs256(
+            SECRET,
+            None,
+            "user-1",
+            &[(OrgId::parse(org).expect("org"), role)],
+            Duration::from_secs(600),
+        )
+    }
+
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut request = self
+            .client
+            .request(method, format!("{}{path}", self.service.url()));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("request");
+        let status = response.status();
+        let text = response.text().await.expect("body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_is_created_listed_shown_and_cancelled() {
+    let api = Api::start().await;
+    let token = Api::token("acme", Role::Member);
+    let (status, job) = api
+        .call(
+            Method::POST,
+            "/v1/orgs/acme/jobs",
+            Some(&token),
+            Some(json!({"command": "echo hi", "labels": ["linux"]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{job}");
+    assert_eq!(job["status"], "queued");
+    assert_eq!(job["queue"], "backlog");
+    assert_eq!(job["command"], "echo hi");
+    let id = job["id"].as_str().expect("id").to_owned();
+
+    let (status, detail) = api
+        .call(
+            Method::GET,
+            &format!("/v1/orgs/acme/jobs/{id}"),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(detail["queue_position"], 1);
+    assert_eq!(
+        detail["blocked_reason"]["reason"], "no_agent_with_labels",
+        "{detail}"
+    );
+
+    let (status, page) = api
+        .call(
+            Method::GET,
+            "/v1/orgs/acme/jobs?status=queued",
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(page["items"].as_array().expect("items").len(), 1);
+
+    let (status, cancelled) = api
+        .call(
+            Method::POST,
+            &format!("/v1/orgs/acme/jobs/{id}/cancel"),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(cancelled["status"], "cancelled");
+    let (status, again) = api
+        .call(
+            Method::POST,
+            &format!("/v1/orgs/acme/jobs/{id}/approve"),
+            Some(&Api::token("acme", Role::Admin)),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{again}");
+
+    let (status, audit) = api
+        .call(Method::GET, "/v1/orgs/acme/audit", Some(&token), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let actions: Vec<&str> = audit["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    assert_eq!(actions, ["job.cancelled", "job.created"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_input_gets_problem_details_per_field() {
+    let api = Api::start().await;
+    let token = Api::token("acme", Role::Member);
+    let (status, problem) = api
+        .call(
+            Method::POST,
+            "/v1/orgs/acme/jobs",
+            Some(&token),
+            Some(json!({"priority": 99999, "labels": ["BAD LABEL"]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let fields: Vec<&str> = problem["errors"]
+        .as_array()
+        .expect("errors")
+        .iter()
+        .filter_map(|e| e["field"].as_str())
+        .collect();
+    assert!(
+        fields.contains(&"priority")
+            && fields.contains(&"labels[0]")
+            && fields.contains(&"payload"),
+        "{problem}"
+    );
+    let (status, problem) = api
+        .call(
+            Method::POST,
+            "/v1/orgs/acme/jobs",
+            Some(&token),
+            Some(json!({"command": "x", "surprise": 1})),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "unknown fields are refused: {problem}"
+    );
+    let huge = "x".repeat(2 * 1024 * 1024);
+    let (status, _) = api
+        .call(
+            Method::POST,
+            "/v1/orgs/acme/jobs",
+            Some(&token),
+            Some(json!({"command": huge})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    let (status, _) = api
+        .call(
+            Method::GET,
+            "/v1/orgs/acme/jobs?limit=501",
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idempotency_keys_return_the_same_job_and_refuse_a_different_body() {
+    let api = Api::start().await;
+    let token = Api::token("acme", Role::Member);
+    let send = |body: Value| {
+        let request = api
+            .client
+            .post(format!("{}/v1/orgs/acme/jobs", api.service.url()))
+            .bearer_auth(&token)
+            .header("Idempotency-Key", "deploy-42")
+            .json(&body);
+        async move { request.send().await.expect("send") }
+    };
+    let first = send(json!({"command": "deploy"})).await;
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let first: Value = first.json().await.expect("json");
+    let second = send(json!({"command": "deploy"})).await;
+    assert_eq!(second.status(), StatusCode::OK);
+    assert_eq!(second.headers()["idempotent-replayed"], "true");
+    let second: Value = second.json().await.expect("json");
+    assert_eq!(first["id"], second["id"]);
+    let different = send(json!({"command": "rollback"})).await;
+    assert_eq!(different.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let (_, page) = api
+        .call(Method::GET, "/v1/orgs/acme/jobs", Some(&token), None)
+        .await;
+    assert_eq!(page["items"].as_array().expect("items").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_is_all_or_nothing() {
+    let api = Api::start().await;
+    let token = Api::token("acme", Role::Member);
+    let mut jobs: Vec<Value> = (0..999)
+        .map(|i| json!({"command": format!("echo {i}")}))
+        .collect();
+    jobs.push(json!({"command": "bad", "priority": -5000}));
+    let (status, problem) = api
+        .call(
+            Method::POST,
+            "/v1/orgs/acme/jobs/batch",
+            Some(&token),
+            Some(json!({"jobs": jobs})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(problem["errors"][0]["field"], "jobs[999].priority");
+    let (_, page) = api
+        .call(Method::GET, "/v1/orgs/acme/jobs", Some(&token), None)
+        .await;
+    assert_eq!(
+        page["items"].as_array().expect("items").len(),
+        0,
+        "nothing was created"
+    );
+
+    let jobs: Vec<Value> = (0..1_000)
+        .map(|i| json!({"command": format!("echo {i}")}))
+        .collect();
+    let (status, created) = api
+        .call(
+            Method::POST,
+            "/v1/orgs/acme/jobs/batch",
+            Some(&token),
+            Some(json!({"jobs": jobs})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(created["jobs"].as_array().expect("jobs").len(), 1_000);
+    let too_many: Vec<Value> = (0..1_001).map(|_| json!({"command": "x"})).collect();
+    let (status, _) = api
+        .call(
+            Method::POST,
+            "/v1/orgs/acme/jobs/batch",
+            Some(&token),
+            Some(json!({"jobs": too_many})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pagination_is_stable_while_jobs_are_added() {
+    let api = Api::start().await;
+    let token = Api::token("acme", Role::Member);
+    let jobs: Vec<Value> = (0..120)
+        .map(|i| json!({"command": format!("echo {i}")}))
+        .collect();
+    let (_, created) = api
+        .call(
+            Method::POST,
+            "/v1/orgs/acme/jobs/batch",
+            Some(&token),
+            Some(json!({"jobs": jobs})),
+        )
+        .await;
+    let original: std::collections::HashSet<String> = created["jobs"]
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .map(|j| j["id"].as_str().expect("id").to_owned())
+        .collect();
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        // Someone keeps submitting while we page.
+        api.call(
+            Method::POST,
+            "/v1/orgs/acme/jobs",
+            Some(&token),
+            Some(json!({"command": "late"})),
+        )
+        .await;
+        let path = match &cursor {
+            Some(c) => format!("/v1/orgs/acme/jobs?limit=25&cursor={c}"),
+            None => "/v1/orgs/acme/jobs?limit=25".to_owned(),
+        };
+        let (status, page) = api.call(Method::GET, &path, Some(&token), None).await;
+        assert_eq!(status, StatusCode::OK);
+        for item in page["items"].as_array().expect("items") {
+            seen.push(item["id"].as_str().expect("id").to_owned());
+        }
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    let unique: std::collections::HashSet<_> = seen.iter().cloned().collect();
+    assert_eq!(unique.len(), seen.len(), "a job appeared on two pages");
+    assert!(original.is_subset(&unique), "a job was skipped");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn auth_is_enforced_and_orgs_are_isolated() {
+    let api = Api::start().await;
+    let member = Api::token("acme", Role::Member);
+    let (_, job) = api
+        .call(
+            Method::POST,
+            "/v1/orgs/acme/jobs",
+            Some(&member),
+            Some(json!({"command": "x"})),
+        )
+        .await;
+    let id = job["id"].as_str().expect("id").to_owned();
+
+    let response = api
+        .client
+        .get(format!("{}/v1/orgs/acme/jobs", api.service.url()))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert!(response.headers().contains_key("www-authenticate"));
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+
+    let forged = auth::dev::mint_hs256(
+        "wrong-secret",
+        None,
+        "u",
+        &[(OrgId::parse("acme").expect("org"), Role::Owner)],
+        Duration::from_secs(60),
+    );
+    let (status, _) = api
+        .call(Method::GET, "/v1/orgs/acme/jobs", Some(&forged), None)
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let mut parts: Vec<String> = member.split('.').map(str::to_owned).collect();
+    parts[0] = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0".into(); // {"alg":"none","typ":"JWT"}
+    let unsigned = format!("{}.{}.", parts[0], parts[1]);
+    let (status, _) = api
+        .call(Method::GET, "/v1/orgs/acme/jobs", Some(&unsigned), None)
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    let outsider = Api::token("globex", Role::Owner);
+    for (method, path) in [
+        (Method::GET, format!("/v1/orgs/acme/jobs/{id}")),
+        (Method::GET, "/v1/orgs/acme/jobs".to_owned()),
+        (Method::POST, format!("/v1/orgs/acme/jobs/{id}/cancel")),
+        (Method::GET, format!("/v1/orgs/acme/jobs/{id}/logs")),
+        (Method::GET, "/v1/orgs/acme/agents".to_owned()),
+        (Method::GET, "/v1/orgs/acme/settings".to_owned()),
+        (Method::GET, "/v1/orgs/acme/audit".to_owned()),
+        (Method::GET, "/v1/orgs/acme/repositories".to_owned()),
+        (Method::GET, "/v1/orgs/acme/dead-letters".to_owned()),
+    ] {
+        let (status, _) = api.call(method.clone(), &path, Some(&outsider), None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{method} {path}");
+    }
+    // Their own org cannot see acme's job either.
+    let (status, _) = api
+        .call(
+            Method::GET,
+            &format!("/v1/orgs/globex/jobs/{id}"),
+            Some(&outsider),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Members cannot approve or manage agents; admins can.
+    let (status, _) = api
+        .call(
+            Method::POST,
+            "/v1/orgs/acme/registration-tokens",
+            Some(&member),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let admin = Api::token("acme", Role::Admin);
+    let (status, created) = api
+        .call(
+            Method::POST,
+            "/v1/orgs/acme/registration-tokens",
+            Some(&admin),
+            Some(json!({"max_uses": 2})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert!(
+        created["token"]
+            .as_str()
+            .expect("token")
+            .starts_with("syr_")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn approval_needs_an_admin_and_is_recorded() {
+    let api = Api::start().await;
+    let member = Api::token("acme", Role::Member);
+    let (_, job) = api
+        .call(
+            Method::POST,
+            "/v1/orgs/acme/jobs",
+            Some(&member),
+            Some(json!({"command": "deploy", "requires_approval": true})),
+        )
+        .await;
+    assert_eq!(job["status"], "pending_approval");
+    let id = job["id"].as_str().expect("id").to_owned();
+    let (status, _) = api
+        .call(
+            Method::POST,
+            &format!("/v1/orgs/acme/jobs/{id}/approve"),
+            Some(&member),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, approved) = api
+        .call(
+            Method::POST,
+            &format!("/v1/orgs/acme/jobs/{id}/approve"),
+            Some(&Api::token("acme", Role::Admin)),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(approved["status"], "queued");
+    let mut conn = api.db.conn().await;
+    #[derive(diesel::QueryableByName)]
+    struct Decision {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        decided_by: String,
+    }
+    let decision: Decision = diesel_async::RunQueryDsl::get_result(
+        diesel::sql_query("SELECT decided_by FROM approvals WHERE decision = 'approved'"),
+        &mut conn,
+    )
+    .await
+    .expect("approval recorded");
+    assert_eq!(decision.decided_by, "user:user-1");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn openapi_and_swagger_ui_are_served_from_the_binary() {
+    let api = Api::start().await;
+    let (status, doc) = api.call(Method::GET, "/openapi.json", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(doc["openapi"].as_str().expect("version").starts_with("3.1"));
+    for path in [
+        "/v1/orgs/{org_id}/jobs",
+        "/v1/orgs/{org_id}/jobs/{job_id}/cancel",
+        "/v1/system",
+    ] {
+        assert!(
+            doc["paths"][path].is_object(),
+            "{path} missing from the OpenAPI document"
+        );
+    }
+    let page = api
+        .client
+        .get(format!("{}/docs/", api.service.url()))
+        .send()
+        .await
+        .expect("docs");
+    assert_eq!(page.status(), StatusCode::OK);
+    assert!(
+        page.text().await.expect("html").contains("swagger"),
+        "Swagger UI page"
+    );
+    let (status, system) = api
+        .call(
+            Method::GET,
+            "/v1/system",
+            Some(&Api::token("acme", Role::Member)),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(system["auth_modes"], json!(["hs256"]));
+}
