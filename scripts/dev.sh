@@ -78,6 +78,23 @@ done
 token=$(target/debug/yard dev-token --org dev-org --role Owner)
 printf '%s\n' "$token" > .dev/dev-token
 
+# A demo agent: registered afresh each run with a one-use token from job-api.
+registration=$(curl -fsS -X POST "http://$JOB_API_ADDR/v1/orgs/dev-org/registration-tokens" \
+  -H "Authorization: Bearer $token" -H 'Content-Type: application/json' \
+  -d '{"description":"demo agent (scripts/dev.sh)","max_uses":1,"ttl_secs":600}' \
+  | sed -n 's/.*"token":"\([^"]*\)".*/\1/p')
+rm -f .dev/agent-credential.json
+mkdir -p .dev/agent-work
+SWITCHYARD_GATEWAY_URL="http://$GATEWAY_GRPC_ADDR" \
+SWITCHYARD_REGISTRATION_TOKEN="$registration" \
+SWITCHYARD_CREDENTIAL_FILE=.dev/agent-credential.json \
+SWITCHYARD_AGENT_NAME=demo-agent \
+SWITCHYARD_AGENT_LABELS=demo \
+SWITCHYARD_AGENT_CAPACITY=2 \
+SWITCHYARD_WORK_DIR=.dev/agent-work \
+  target/debug/yard-agent >.dev/logs/yard-agent.log 2>&1 &
+pids+=($!)
+
 cat <<TXT
 
 Switchyard is running (logs in .dev/logs/; Ctrl-C stops everything).
@@ -86,9 +103,13 @@ Switchyard is running (logs in .dev/logs/; Ctrl-C stops everything).
   agent-gateway (HTTP)  http://$GATEWAY_HTTP_ADDR
   scheduler             http://$SCHEDULER_HTTP_ADDR
   realtime-broadcaster  http://$BROADCASTER_ADDR
+  agent-gateway (gRPC)  http://$GATEWAY_GRPC_ADDR   (demo agent "demo-agent" connected)
+  API docs              http://$JOB_API_ADDR/docs/
   dashboard             http://$BROADCASTER_ADDR/#token=$token
 
-  Each answers /healthz, /readyz, /version and /metrics.
+  Each answers /healthz, /readyz, /version and /metrics. Try:
+    curl -H "Authorization: Bearer \$(cat .dev/dev-token)" -H 'Content-Type: application/json' \\
+      -d '{"command":"echo hello"}' http://$JOB_API_ADDR/v1/orgs/dev-org/jobs
   Development token (org dev-org, role Owner; also in .dev/dev-token):
   $token
 

@@ -71,6 +71,19 @@ pub const VARIABLES: &[&str] = &[
     "SCHEDULER_ACK_TIMEOUT_MS",
     "SCHEDULER_AGING_INTERVAL_SECS",
     "SCHEDULER_MAX_LEASES_PER_TICK",
+    // Read by agent-gateway (`agent_gateway::config`).
+    "GATEWAY_ID",
+    "GATEWAY_GRPC_MAX_MESSAGE_BYTES",
+    "GATEWAY_GRPC_KEEPALIVE_INTERVAL_MS",
+    "GATEWAY_GRPC_KEEPALIVE_TIMEOUT_MS",
+    "AGENT_HEARTBEAT_INTERVAL_MS",
+    "AGENT_LEASE_TTL_MS",
+    "AGENT_OFFLINE_GRACE_MS",
+    "AGENT_CANCEL_GRACE_MS",
+    "AGENT_LOG_CHUNK_MAX_BYTES",
+    "AGENT_HTTP_TOKEN_TTL_MS",
+    "AGENT_CLAIM_MAX_WAIT_MS",
+    "AGENT_CLAIM_MAX_JOBS",
 ];
 
 /// One variable's problem; printed as the single line start-up fails with.
