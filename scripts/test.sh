@@ -9,5 +9,5 @@ ensure_backing_services
 export TEST_DATABASE_URL=${TEST_DATABASE_URL:-postgres://postgres:$PG_PASSWORD@$PG_HOST:$PG_PORT/postgres}
 export TEST_REDIS_URL=${TEST_REDIS_URL:-redis://127.0.0.1:$REDIS_PORT}
 
-say "cargo test --workspace $*"
-cargo test --workspace "$@"
+say "cargo test --workspace --no-fail-fast $*"
+cargo test --workspace --no-fail-fast "$@"

@@ -15,6 +15,7 @@ pub mod logs;
 mod migrations;
 pub mod orgs;
 mod pool;
+pub mod queues;
 pub mod repositories;
 pub mod schema;
 pub mod secrets;

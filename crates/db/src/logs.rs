@@ -41,8 +41,9 @@ pub struct OffsetGap {
 
 /// Appends lines starting at byte `start_offset` of the attempt at `epoch`.
 /// Lines already committed (a resend) are skipped; a chunk that starts past
-/// the committed offset would leave a gap and is refused with the offset
-/// to resume from.
+/// the committed offset would leave a gap, and one whose line straddles it
+/// would store a partial duplicate: both are refused with the offset to
+/// resume from.
 pub async fn append(
     conn: &mut PgConn,
     job: JobId,
@@ -107,6 +108,18 @@ pub async fn append(
                 given: start_offset,
                 committed,
             }));
+        }
+        // A line that straddles the committed offset would be stored twice
+        // (once in part): the agent must resend from a line boundary.
+        let mut line_start = start_offset;
+        for line in lines {
+            if line_start < committed && line.end_offset > committed {
+                return Ok(Err(OffsetGap {
+                    given: line_start,
+                    committed,
+                }));
+            }
+            line_start = line.end_offset;
         }
         let fresh: Vec<&IncomingLine> = lines.iter().filter(|l| l.end_offset > committed).collect();
         let new_committed = fresh.last().map_or(committed, |l| l.end_offset);

@@ -98,6 +98,7 @@ pub async fn run(
                         .configure(routes::orgs::configure)
                         .configure(routes::repositories::configure)
                         .configure(routes::jobs::configure)
+                        .configure(routes::queues::configure)
                         .configure(routes::agents::configure)
                         .configure(routes::operations::configure),
                 )

@@ -4,7 +4,7 @@
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{agents, jobs, operations, orgs, repositories};
+use crate::routes::{agents, jobs, operations, orgs, queues, repositories};
 use crate::views;
 
 struct BearerAuth;
@@ -31,6 +31,7 @@ impl Modify for BearerAuth {
         agents::revoke_agent,
         operations::list_dead_letters, operations::redrive_dead_letter, operations::list_audit_events,
         operations::get_system,
+        queues::list_queues, queues::get_queue, queues::reorder_queue, queues::get_stats,
     ),
     components(schemas(
         views::CreateJob, views::CreateJobs, views::JobView, views::JobDetail, views::JobPage, views::JobList,

@@ -420,3 +420,33 @@ async fn concurrent_appends_to_one_job_keep_the_sequence_gapless() {
     let next_seq = support::count(&mut conn, "SELECT next_seq AS count FROM job_log_heads").await;
     assert_eq!(next_seq, total + 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resend_whose_line_straddles_the_committed_offset_is_refused_not_half_stored() {
+    let test_db = TestDb::new().await;
+    let mut conn = test_db.conn().await;
+    let (id, epoch) = running_job(&mut conn).await;
+    let first = chunk(0, &["abc", "def"]);
+    let committed = end_of(&first);
+    db::logs::append(&mut conn, id, epoch, 0, &first)
+        .await
+        .expect("append")
+        .expect("no gap");
+    // Re-split: one line from byte 2 to past the committed offset.
+    let straddling = chunk(2, &["c\ndef\nghi"]);
+    let refused = db::logs::append(&mut conn, id, epoch, 2, &straddling)
+        .await
+        .expect("db");
+    assert_eq!(
+        refused,
+        Err(OffsetGap {
+            given: 2,
+            committed
+        })
+    );
+    assert_eq!(
+        stored_lines(&mut conn, id).await.len(),
+        2,
+        "nothing half-stored"
+    );
+}

@@ -4,4 +4,5 @@ pub mod agents;
 pub mod jobs;
 pub mod operations;
 pub mod orgs;
+pub mod queues;
 pub mod repositories;

@@ -530,3 +530,141 @@ async fn openapi_and_swagger_ui_are_served_from_the_binary() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(system["auth_modes"], json!(["hs256"]));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn queues_show_order_and_reorder_moves_a_job() {
+    let api = Api::start().await;
+    let member = Api::token("acme", Role::Member);
+    let admin = Api::token("acme", Role::Admin);
+    let jobs: Vec<Value> = (0..3)
+        .map(|i| json!({"command": format!("echo {i}")}))
+        .collect();
+    let (_, created) = api
+        .call(
+            Method::POST,
+            "/v1/orgs/acme/jobs/batch",
+            Some(&member),
+            Some(json!({"jobs": jobs})),
+        )
+        .await;
+    let ids: Vec<String> = created["jobs"]
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .map(|j| j["id"].as_str().expect("id").to_owned())
+        .collect();
+
+    let (status, list) = api
+        .call(Method::GET, "/v1/orgs/acme/queues", Some(&member), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let backlog = list["queues"]
+        .as_array()
+        .expect("queues")
+        .iter()
+        .find(|q| q["queue"] == "backlog")
+        .expect("backlog")
+        .clone();
+    assert_eq!(backlog["queued"], 3);
+
+    let entries = |detail: &Value| -> Vec<String> {
+        detail["entries"]
+            .as_array()
+            .expect("entries")
+            .iter()
+            .map(|e| e["job_id"].as_str().expect("id").to_owned())
+            .collect()
+    };
+    let (_, detail) = api
+        .call(
+            Method::GET,
+            "/v1/orgs/acme/queues/backlog",
+            Some(&member),
+            None,
+        )
+        .await;
+    assert_eq!(entries(&detail), ids);
+    assert_eq!(detail["entries"][0]["position"], 1);
+
+    let (status, _) = api
+        .call(
+            Method::POST,
+            "/v1/orgs/acme/queues/backlog/reorder",
+            Some(&member),
+            Some(json!({"job_id": ids[2], "before": ids[0]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, moved) = api
+        .call(
+            Method::POST,
+            "/v1/orgs/acme/queues/backlog/reorder",
+            Some(&admin),
+            Some(json!({"job_id": ids[2], "before": ids[0]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{moved}");
+    let (_, detail) = api
+        .call(
+            Method::GET,
+            "/v1/orgs/acme/queues/backlog",
+            Some(&member),
+            None,
+        )
+        .await;
+    assert_eq!(
+        entries(&detail),
+        [ids[2].clone(), ids[0].clone(), ids[1].clone()]
+    );
+    let (status, _) = api
+        .call(
+            Method::POST,
+            "/v1/orgs/acme/queues/backlog/reorder",
+            Some(&admin),
+            Some(json!({"job_id": ids[0], "after": ids[1]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, detail) = api
+        .call(
+            Method::GET,
+            "/v1/orgs/acme/queues/backlog",
+            Some(&member),
+            None,
+        )
+        .await;
+    assert_eq!(
+        entries(&detail),
+        [ids[2].clone(), ids[1].clone(), ids[0].clone()]
+    );
+    // The job's own page agrees with the queue's order.
+    let (_, job) = api
+        .call(
+            Method::GET,
+            &format!("/v1/orgs/acme/jobs/{}", ids[0]),
+            Some(&member),
+            None,
+        )
+        .await;
+    assert_eq!(job["queue_position"], 3);
+
+    let (status, stats) = api
+        .call(
+            Method::GET,
+            "/v1/orgs/acme/stats?window=1h",
+            Some(&member),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(stats["jobs"]["created"], 3);
+    let (status, _) = api
+        .call(
+            Method::GET,
+            "/v1/orgs/acme/stats?window=forever",
+            Some(&member),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+}

@@ -3,12 +3,49 @@
 
 use std::io::Write;
 
+pub mod client;
 pub mod dev_token;
+pub mod jobs;
 
 #[derive(clap::Subcommand)]
 pub enum Command {
     /// Print a development access token (HS256, signed with AUTH_HS256_SECRET).
     DevToken(dev_token::Args),
+    /// Submit, list, show, cancel, retry, approve and reject jobs.
+    Jobs {
+        #[command(flatten)]
+        api: client::ApiOptions,
+        #[command(subcommand)]
+        command: jobs::JobsCommand,
+    },
+    /// Print a job's log; -f follows it until the job finishes.
+    Logs {
+        #[command(flatten)]
+        api: client::ApiOptions,
+        #[command(flatten)]
+        args: jobs::LogsArgs,
+    },
+    /// Queues: depth, order, ETA.
+    Queues {
+        #[command(flatten)]
+        api: client::ApiOptions,
+        #[command(subcommand)]
+        command: jobs::QueuesCommand,
+    },
+    /// Agents.
+    Agents {
+        #[command(flatten)]
+        api: client::ApiOptions,
+        #[command(subcommand)]
+        command: jobs::AgentsCommand,
+    },
+    /// Registration tokens for agents.
+    Tokens {
+        #[command(flatten)]
+        api: client::ApiOptions,
+        #[command(subcommand)]
+        command: jobs::TokensCommand,
+    },
 }
 
 pub fn run(command: Command) -> Result<(), Failure> {
@@ -16,6 +53,11 @@ pub fn run(command: Command) -> Result<(), Failure> {
     let mut stdout = std::io::stdout().lock();
     match command {
         Command::DevToken(args) => dev_token::run(&args, &env, &mut stdout),
+        Command::Jobs { api, command } => jobs::run_jobs(command, &api, &mut stdout),
+        Command::Logs { api, args } => jobs::run_logs(args, &api, &mut stdout),
+        Command::Queues { api, command } => jobs::run_queues(command, &api, &mut stdout),
+        Command::Agents { api, command } => jobs::run_agents(command, &api, &mut stdout),
+        Command::Tokens { api, command } => jobs::run_tokens(command, &api, &mut stdout),
     }
 }
 

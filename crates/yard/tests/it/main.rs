@@ -173,3 +173,97 @@ fn help_lists_dev_token() {
     assert!(output.status.success());
     assert!(stdout(&output).contains("dev-token"));
 }
+
+mod against_job_api {
+    //! The job commands against a real job-api (in-process) and PostgreSQL.
+
+    use std::process::Command;
+    use std::time::Duration;
+
+    use test_support::{TestDb, TestRedis, common_config, spawn_service};
+
+    const SECRET: &str = "yard-cli-secret";
+
+    fn yard(api: &str, token: &str, args: &[&str]) -> (Option<i32>, String, String) {
+        let output = Command::new(env!("CARGO_BIN_EXE_yard"))
+            .args(args)
+            .env("SWITCHYARD_API_URL", api)
+            .env("SWITCHYARD_TOKEN", token)
+            .env("SWITCHYARD_ORG", "acme")
+            .output()
+            .expect("run yard");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn submit_list_show_cancel_and_exit_codes() {
+        let db = TestDb::new().await;
+        let redis = TestRedis::new();
+        let config = job_api::Config {
+            common: common_config(job_api::SERVICE, &db, redis.url(), redis.prefix()),
+            addr: "127.0.0.1:0".parse().expect("addr"),
+            auth: auth::AuthConfig {
+                hs256_secret: Some(SECRET.into()),
+                ..auth::AuthConfig::default()
+            },
+            cancel_grace: Duration::from_secs(30),
+        };
+        let service =
+            spawn_service(move |listener, shutdown| job_api::run(config, listener, shutdown));
+        let api = service.url();
+        let token = auth::dev::mint_hs256(
+            SECRET,
+            None,
+            "cli-user",
+            &[(
+                domain::OrgId::parse("acme").expect("org"),
+                auth::Role::Owner,
+            )],
+            Duration::from_secs(600),
+        );
+        let outcome = tokio::task::spawn_blocking(move || {
+            let (code, out, err) = yard(
+                &api,
+                &token,
+                &["jobs", "submit", "--command", "echo hi", "--label", "linux"],
+            );
+            assert_eq!(code, Some(0), "{err}");
+            let id = out.split_whitespace().next().expect("id").to_owned();
+            assert!(out.contains("queued"), "{out}");
+
+            let (code, out, _) = yard(&api, &token, &["jobs", "list"]);
+            assert_eq!(code, Some(0));
+            assert!(out.starts_with("ID") && out.contains(&id), "{out}");
+
+            let (code, out, _) = yard(&api, &token, &["jobs", "show", &id, "--json"]);
+            assert_eq!(code, Some(0));
+            let detail: serde_json::Value = serde_json::from_str(&out).expect("json");
+            assert_eq!(detail["status"], "queued");
+
+            let (code, out, _) = yard(&api, &token, &["jobs", "cancel", &id]);
+            assert_eq!(code, Some(0));
+            assert!(out.contains("cancelled"), "{out}");
+
+            let (code, _, err) = yard(&api, &token, &["jobs", "approve", &id]);
+            assert_eq!(code, Some(5), "a state conflict: {err}");
+            let (code, _, _) = yard(
+                &api,
+                &token,
+                &["jobs", "show", "01a20000-0000-7000-8000-000000000000"],
+            );
+            assert_eq!(code, Some(3), "not found");
+            let (code, _, err) = yard(&api, "not-a-token", &["jobs", "list"]);
+            assert_eq!(code, Some(4), "{err}");
+            let (code, _, err) = yard(&api, &token, &["jobs", "submit", "--priority", "99999"]);
+            assert_eq!(code, Some(5));
+            assert!(err.contains("priority"), "field errors are shown: {err}");
+        })
+        .await;
+        service.stop().await.expect("stop");
+        outcome.expect("cli checks");
+    }
+}
