@@ -668,3 +668,32 @@ async fn queues_show_order_and_reorder_moves_a_job() {
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn request_ids_are_returned_and_recorded_in_the_audit_trail() {
+    let api = Api::start().await;
+    let token = Api::token("acme", Role::Member);
+    let response = api
+        .client
+        .post(format!("{}/v1/orgs/acme/jobs", api.service.url()))
+        .bearer_auth(&token)
+        .header("X-Request-ID", "trace-me-42")
+        .json(&json!({"command": "echo"}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.headers()["x-request-id"], "trace-me-42");
+    let (_, audit) = api
+        .call(Method::GET, "/v1/orgs/acme/audit", Some(&token), None)
+        .await;
+    assert_eq!(audit["items"][0]["request_id"], "trace-me-42");
+    // Without one, the server makes one up.
+    let generated = api
+        .client
+        .get(format!("{}/v1/orgs/acme/jobs", api.service.url()))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("send");
+    assert!(!generated.headers()["x-request-id"].is_empty());
+}
