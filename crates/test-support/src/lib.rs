@@ -15,6 +15,7 @@
 //! databases; `TEST_REDIS_URL` (default `redis://127.0.0.1:6379`) the Redis.
 
 mod database;
+pub mod ops_checks;
 mod redis_server;
 mod service;
 
