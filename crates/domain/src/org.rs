@@ -67,10 +67,16 @@ impl Default for OrgSettings {
 impl OrgSettings {
     pub fn validate(&self) -> Result<(), crate::DomainError> {
         let mut errors = Errors::default();
-        if self.max_concurrent_jobs == Some(0) {
+        if self
+            .max_concurrent_jobs
+            .is_some_and(|n| n == 0 || n > limits::ORG_CONCURRENCY_MAX)
+        {
             errors.push(
                 "max_concurrent_jobs",
-                "must be at least 1, or null for unlimited",
+                format!(
+                    "must be between 1 and {}, or null for unlimited",
+                    limits::ORG_CONCURRENCY_MAX
+                ),
             );
         }
         if let Err(crate::DomainError::Invalid(list)) =
@@ -157,6 +163,11 @@ mod tests {
         assert!(settings.validate().is_ok());
         settings.max_concurrent_jobs = Some(0);
         assert!(settings.validate().is_err());
+        settings.max_concurrent_jobs = Some(limits::ORG_CONCURRENCY_MAX + 1);
+        assert!(
+            settings.validate().is_err(),
+            "beyond the limit (would overflow the column)"
+        );
         let repo = RepositorySpec {
             name: "api".into(),
             url: Some("https://git.example.com/api.git".into()),

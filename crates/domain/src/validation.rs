@@ -40,6 +40,7 @@ pub mod limits {
     pub const QUEUE_NAME_MAX_LEN: usize = 64;
     pub const CONCURRENCY_KEY_MAX_LEN: usize = 128;
     pub const CONCURRENCY_LIMIT_MAX: u32 = 10_000;
+    pub const ORG_CONCURRENCY_MAX: u32 = 1_000_000;
     pub const PRIORITY_MIN: i32 = -1_000;
     pub const PRIORITY_MAX: i32 = 1_000;
     pub const AGENT_CAPACITY_MAX: u32 = 1_024;

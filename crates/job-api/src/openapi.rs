@@ -35,7 +35,8 @@ impl Modify for BearerAuth {
     ),
     components(schemas(
         views::CreateJob, views::CreateJobs, views::JobView, views::JobDetail, views::JobPage, views::JobList,
-        views::LogPage, views::LogLineView, views::AttemptView, views::LeaseView,
+        views::LogPage, views::LogLineView, views::AttemptView, views::LeaseView, views::ProblemDoc,
+        views::FieldErrorDoc,
     )),
     modifiers(&BearerAuth),
 )]

@@ -270,3 +270,22 @@ pub struct LogPage {
 pub struct JobList {
     pub jobs: Vec<JobView>,
 }
+
+/// An RFC 9457 problem document, the body of every error response.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct ProblemDoc {
+    /// Stable identifier of the kind of problem (a URI).
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: Option<String>,
+    /// Per-field validation errors.
+    pub errors: Option<Vec<FieldErrorDoc>>,
+}
+
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct FieldErrorDoc {
+    pub field: String,
+    pub message: String,
+}

@@ -61,7 +61,7 @@ pub struct RegistrationTokenCreated {
 /// Create a registration token for agents (Admin or `agents:manage`). The secret is shown once.
 #[utoipa::path(post, path = "/v1/orgs/{org_id}/registration-tokens", tag = "agents", params(("org_id" = String, Path)),
     request_body = CreateRegistrationToken,
-    responses((status = 201, body = RegistrationTokenCreated), (status = 403, body = Object), (status = 422, body = Object)),
+    responses((status = 201, body = RegistrationTokenCreated), (status = 403, body = crate::views::ProblemDoc, content_type = "application/problem+json"), (status = 422, body = crate::views::ProblemDoc, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub async fn create_registration_token(
     state: web::Data<AppState>,
@@ -195,7 +195,7 @@ fn agent_not_found(error: db::DbError) -> ApiError {
 /// Show an agent.
 #[utoipa::path(get, path = "/v1/orgs/{org_id}/agents/{agent_id}", tag = "agents",
     params(("org_id" = String, Path), ("agent_id" = String, Path)),
-    responses((status = 200, body = AgentView), (status = 404, body = Object)), security(("bearer" = [])))]
+    responses((status = 200, body = AgentView), (status = 404, body = crate::views::ProblemDoc, content_type = "application/problem+json")), security(("bearer" = [])))]
 pub async fn get_agent(
     state: web::Data<AppState>,
     caller: OrgCaller,
@@ -233,7 +233,7 @@ async fn audit(
 /// Drain an agent: it finishes its jobs and takes no new ones (Admin or `agents:manage`).
 #[utoipa::path(post, path = "/v1/orgs/{org_id}/agents/{agent_id}/drain", tag = "agents",
     params(("org_id" = String, Path), ("agent_id" = String, Path)),
-    responses((status = 200, body = AgentView), (status = 403, body = Object), (status = 404, body = Object)),
+    responses((status = 200, body = AgentView), (status = 403, body = crate::views::ProblemDoc, content_type = "application/problem+json"), (status = 404, body = crate::views::ProblemDoc, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub async fn drain_agent(
     state: web::Data<AppState>,
@@ -264,7 +264,7 @@ pub async fn drain_agent(
 /// Revoke an agent's credential; a connected agent is cut off within a second (Admin or `agents:manage`).
 #[utoipa::path(delete, path = "/v1/orgs/{org_id}/agents/{agent_id}", tag = "agents",
     params(("org_id" = String, Path), ("agent_id" = String, Path)),
-    responses((status = 204), (status = 403, body = Object), (status = 404, body = Object)), security(("bearer" = [])))]
+    responses((status = 204), (status = 403, body = crate::views::ProblemDoc, content_type = "application/problem+json"), (status = 404, body = crate::views::ProblemDoc, content_type = "application/problem+json")), security(("bearer" = [])))]
 pub async fn revoke_agent(
     state: web::Data<AppState>,
     caller: OrgCaller,

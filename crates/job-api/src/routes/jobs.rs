@@ -204,7 +204,7 @@ async fn announce_created(
     params(("org_id" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "makes retries safe")),
     request_body = CreateJob,
     responses((status = 201, body = JobView), (status = 200, body = JobView, description = "replayed"),
-        (status = 401, body = Object), (status = 404, body = Object), (status = 422, body = Object)),
+        (status = 401, body = crate::views::ProblemDoc, content_type = "application/problem+json"), (status = 404, body = crate::views::ProblemDoc, content_type = "application/problem+json"), (status = 422, body = crate::views::ProblemDoc, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub async fn create_job(
     state: web::Data<AppState>,
@@ -233,7 +233,7 @@ pub async fn create_job(
 #[utoipa::path(post, path = "/v1/orgs/{org_id}/jobs/batch", tag = "jobs",
     params(("org_id" = String, Path), ("Idempotency-Key" = Option<String>, Header)),
     request_body = CreateJobs,
-    responses((status = 201, body = JobList), (status = 422, body = Object), (status = 401, body = Object)),
+    responses((status = 201, body = JobList), (status = 422, body = crate::views::ProblemDoc, content_type = "application/problem+json"), (status = 401, body = crate::views::ProblemDoc, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub async fn create_jobs_batch(
     state: web::Data<AppState>,
@@ -279,7 +279,7 @@ pub struct ListQuery {
 /// List jobs, newest first, with a cursor that stays stable while jobs are added.
 #[utoipa::path(get, path = "/v1/orgs/{org_id}/jobs", tag = "jobs",
     params(("org_id" = String, Path), ListQuery),
-    responses((status = 200, body = JobPage), (status = 422, body = Object), (status = 401, body = Object)),
+    responses((status = 200, body = JobPage), (status = 422, body = crate::views::ProblemDoc, content_type = "application/problem+json"), (status = 401, body = crate::views::ProblemDoc, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub async fn list_jobs(
     state: web::Data<AppState>,
@@ -370,7 +370,7 @@ async fn queue_standing(
 /// Show a job: status, attempts, lease, queue position and blocking reason, last log lines.
 #[utoipa::path(get, path = "/v1/orgs/{org_id}/jobs/{job_id}", tag = "jobs",
     params(JobPath),
-    responses((status = 200, body = JobDetail), (status = 404, body = Object), (status = 401, body = Object)),
+    responses((status = 200, body = JobDetail), (status = 404, body = crate::views::ProblemDoc, content_type = "application/problem+json"), (status = 401, body = crate::views::ProblemDoc, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub async fn get_job(
     state: web::Data<AppState>,
@@ -420,7 +420,7 @@ pub struct LogQuery {
 /// Read a job's log, in pages by sequence number.
 #[utoipa::path(get, path = "/v1/orgs/{org_id}/jobs/{job_id}/logs", tag = "jobs",
     params(JobPath, LogQuery),
-    responses((status = 200, body = LogPage), (status = 404, body = Object), (status = 422, body = Object)),
+    responses((status = 200, body = LogPage), (status = 404, body = crate::views::ProblemDoc, content_type = "application/problem+json"), (status = 422, body = crate::views::ProblemDoc, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub async fn get_job_logs(
     state: web::Data<AppState>,
@@ -526,7 +526,7 @@ async fn act(
 /// Cancel a job. Queued jobs end at once; running ones are asked to stop
 /// and are force-cancelled after the grace period.
 #[utoipa::path(post, path = "/v1/orgs/{org_id}/jobs/{job_id}/cancel", tag = "jobs", params(JobPath),
-    responses((status = 200, body = JobView), (status = 404, body = Object), (status = 409, body = Object)),
+    responses((status = 200, body = JobView), (status = 404, body = crate::views::ProblemDoc, content_type = "application/problem+json"), (status = 409, body = crate::views::ProblemDoc, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub async fn cancel_job(
     state: web::Data<AppState>,
@@ -546,7 +546,7 @@ pub async fn cancel_job(
 
 /// Run a finished (failed, cancelled, timed out or dead) job again with a fresh retry budget.
 #[utoipa::path(post, path = "/v1/orgs/{org_id}/jobs/{job_id}/retry", tag = "jobs", params(JobPath),
-    responses((status = 200, body = JobView), (status = 404, body = Object), (status = 409, body = Object)),
+    responses((status = 200, body = JobView), (status = 404, body = crate::views::ProblemDoc, content_type = "application/problem+json"), (status = 409, body = crate::views::ProblemDoc, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub async fn retry_job(
     state: web::Data<AppState>,
@@ -558,7 +558,7 @@ pub async fn retry_job(
 
 /// Approve a job waiting for approval (Admin, or the `jobs:approve` permission).
 #[utoipa::path(post, path = "/v1/orgs/{org_id}/jobs/{job_id}/approve", tag = "jobs", params(JobPath),
-    responses((status = 200, body = JobView), (status = 403, body = Object), (status = 404, body = Object), (status = 409, body = Object)),
+    responses((status = 200, body = JobView), (status = 403, body = crate::views::ProblemDoc, content_type = "application/problem+json"), (status = 404, body = crate::views::ProblemDoc, content_type = "application/problem+json"), (status = 409, body = crate::views::ProblemDoc, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub async fn approve_job(
     state: web::Data<AppState>,
@@ -571,7 +571,7 @@ pub async fn approve_job(
 
 /// Reject a job waiting for approval (Admin, or the `jobs:approve` permission).
 #[utoipa::path(post, path = "/v1/orgs/{org_id}/jobs/{job_id}/reject", tag = "jobs", params(JobPath),
-    responses((status = 200, body = JobView), (status = 403, body = Object), (status = 404, body = Object), (status = 409, body = Object)),
+    responses((status = 200, body = JobView), (status = 403, body = crate::views::ProblemDoc, content_type = "application/problem+json"), (status = 404, body = crate::views::ProblemDoc, content_type = "application/problem+json"), (status = 409, body = crate::views::ProblemDoc, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub async fn reject_job(
     state: web::Data<AppState>,

@@ -90,7 +90,7 @@ pub struct DeadLetterPath {
 /// Take a job out of the dead letters and queue it again with a fresh budget.
 #[utoipa::path(post, path = "/v1/orgs/{org_id}/dead-letters/{job_id}/redrive", tag = "jobs",
     params(("org_id" = String, Path), ("job_id" = String, Path)),
-    responses((status = 200, body = JobView), (status = 404, body = Object), (status = 409, body = Object)),
+    responses((status = 200, body = JobView), (status = 404, body = crate::views::ProblemDoc, content_type = "application/problem+json"), (status = 409, body = crate::views::ProblemDoc, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub async fn redrive_dead_letter(
     state: web::Data<AppState>,
@@ -191,7 +191,7 @@ pub struct SystemView {
 
 /// Version, auth modes, limits and connected agents (any authenticated user).
 #[utoipa::path(get, path = "/v1/system", tag = "system",
-    responses((status = 200, body = SystemView), (status = 401, body = Object)), security(("bearer" = [])))]
+    responses((status = 200, body = SystemView), (status = 401, body = crate::views::ProblemDoc, content_type = "application/problem+json")), security(("bearer" = [])))]
 pub async fn get_system(state: web::Data<AppState>, _caller: Caller) -> ApiResult<HttpResponse> {
     let mut conn = state.db.conn().await?;
     let connected_agents = db::agents::online_count(&mut conn).await?;

@@ -33,7 +33,7 @@ pub struct OrgList {
 
 /// The organizations the token is a member of.
 #[utoipa::path(get, path = "/v1/orgs", tag = "orgs",
-    responses((status = 200, body = OrgList), (status = 401, body = Object)), security(("bearer" = [])))]
+    responses((status = 200, body = OrgList), (status = 401, body = crate::views::ProblemDoc, content_type = "application/problem+json")), security(("bearer" = [])))]
 pub async fn list_orgs(caller: Caller) -> HttpResponse {
     HttpResponse::Ok().json(OrgList {
         orgs: caller
@@ -111,7 +111,7 @@ mod double_option {
 
 /// The org's settings.
 #[utoipa::path(get, path = "/v1/orgs/{org_id}/settings", tag = "orgs", params(("org_id" = String, Path)),
-    responses((status = 200, body = SettingsView), (status = 404, body = Object)), security(("bearer" = [])))]
+    responses((status = 200, body = SettingsView), (status = 404, body = crate::views::ProblemDoc, content_type = "application/problem+json")), security(("bearer" = [])))]
 pub async fn get_settings(
     state: web::Data<AppState>,
     caller: OrgCaller,
@@ -125,7 +125,7 @@ pub async fn get_settings(
 /// Change the org's settings (Admin).
 #[utoipa::path(patch, path = "/v1/orgs/{org_id}/settings", tag = "orgs", params(("org_id" = String, Path)),
     request_body = SettingsPatch,
-    responses((status = 200, body = SettingsView), (status = 403, body = Object), (status = 422, body = Object)),
+    responses((status = 200, body = SettingsView), (status = 403, body = crate::views::ProblemDoc, content_type = "application/problem+json"), (status = 422, body = crate::views::ProblemDoc, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub async fn update_settings(
     state: web::Data<AppState>,

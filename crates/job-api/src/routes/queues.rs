@@ -124,7 +124,7 @@ pub struct QueueDetail {
 /// A queue's due entries in dispatch order, with position and ETA.
 #[utoipa::path(get, path = "/v1/orgs/{org_id}/queues/{queue}", tag = "queues",
     params(("org_id" = String, Path), ("queue" = String, Path), EntriesQuery),
-    responses((status = 200, body = QueueDetail), (status = 404, body = Object)), security(("bearer" = [])))]
+    responses((status = 200, body = QueueDetail), (status = 404, body = crate::views::ProblemDoc, content_type = "application/problem+json")), security(("bearer" = [])))]
 pub async fn get_queue(
     state: web::Data<AppState>,
     caller: OrgCaller,
@@ -196,7 +196,7 @@ pub struct ReorderRequest {
 /// Reorder a queue (Admin or `jobs:reorder`).
 #[utoipa::path(post, path = "/v1/orgs/{org_id}/queues/{queue}/reorder", tag = "queues",
     params(("org_id" = String, Path), ("queue" = String, Path)), request_body = ReorderRequest,
-    responses((status = 200, body = JobView), (status = 403, body = Object), (status = 404, body = Object), (status = 422, body = Object)),
+    responses((status = 200, body = JobView), (status = 403, body = crate::views::ProblemDoc, content_type = "application/problem+json"), (status = 404, body = crate::views::ProblemDoc, content_type = "application/problem+json"), (status = 422, body = crate::views::ProblemDoc, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub async fn reorder_queue(
     state: web::Data<AppState>,
@@ -267,13 +267,14 @@ pub struct StatsView {
 }
 
 fn parse_window(raw: &str) -> Option<i64> {
-    let (number, unit) = raw.split_at(raw.len().checked_sub(1)?);
+    let unit = raw.chars().last()?;
+    let number = &raw[..raw.len() - unit.len_utf8()];
     let n: i64 = number.parse().ok().filter(|n| *n > 0)?;
     let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3_600,
-        "d" => n * 86_400,
+        's' => n,
+        'm' => n.checked_mul(60)?,
+        'h' => n.checked_mul(3_600)?,
+        'd' => n.checked_mul(86_400)?,
         _ => return None,
     };
     (secs <= 30 * 86_400).then_some(secs)
@@ -281,7 +282,7 @@ fn parse_window(raw: &str) -> Option<i64> {
 
 /// Jobs by status, throughput, p50/p95 queue wait and run time, per-agent success rate.
 #[utoipa::path(get, path = "/v1/orgs/{org_id}/stats", tag = "stats", params(("org_id" = String, Path), StatsQuery),
-    responses((status = 200, body = StatsView), (status = 422, body = Object)), security(("bearer" = [])))]
+    responses((status = 200, body = StatsView), (status = 422, body = crate::views::ProblemDoc, content_type = "application/problem+json")), security(("bearer" = [])))]
 pub async fn get_stats(
     state: web::Data<AppState>,
     caller: OrgCaller,
@@ -318,5 +319,7 @@ mod tests {
         assert_eq!(parse_window("h"), None);
         assert_eq!(parse_window(""), None);
         assert_eq!(parse_window("5x"), None);
+        assert_eq!(parse_window("\u{f6b6b}"), None, "non-ASCII must not panic");
+        assert_eq!(parse_window("9999999999999999d"), None);
     }
 }

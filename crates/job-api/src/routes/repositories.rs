@@ -105,7 +105,7 @@ fn conflict_is_name(error: db::DbError) -> ApiError {
 /// Create a repository (Admin).
 #[utoipa::path(post, path = "/v1/orgs/{org_id}/repositories", tag = "repositories", params(("org_id" = String, Path)),
     request_body = RepositoryBody,
-    responses((status = 201, body = RepositoryView), (status = 409, body = Object), (status = 422, body = Object)),
+    responses((status = 201, body = RepositoryView), (status = 409, body = crate::views::ProblemDoc, content_type = "application/problem+json"), (status = 422, body = crate::views::ProblemDoc, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub async fn create_repository(
     state: web::Data<AppState>,
@@ -137,7 +137,7 @@ pub async fn list_repositories(
 /// Show a repository.
 #[utoipa::path(get, path = "/v1/orgs/{org_id}/repositories/{repository_id}", tag = "repositories",
     params(("org_id" = String, Path), ("repository_id" = String, Path)),
-    responses((status = 200, body = RepositoryView), (status = 404, body = Object)), security(("bearer" = [])))]
+    responses((status = 200, body = RepositoryView), (status = 404, body = crate::views::ProblemDoc, content_type = "application/problem+json")), security(("bearer" = [])))]
 pub async fn get_repository(
     state: web::Data<AppState>,
     caller: OrgCaller,
@@ -153,7 +153,7 @@ pub async fn get_repository(
 /// Replace a repository's name, URL and limit (Admin).
 #[utoipa::path(patch, path = "/v1/orgs/{org_id}/repositories/{repository_id}", tag = "repositories",
     params(("org_id" = String, Path), ("repository_id" = String, Path)), request_body = RepositoryBody,
-    responses((status = 200, body = RepositoryView), (status = 404, body = Object), (status = 409, body = Object)),
+    responses((status = 200, body = RepositoryView), (status = 404, body = crate::views::ProblemDoc, content_type = "application/problem+json"), (status = 409, body = crate::views::ProblemDoc, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub async fn update_repository(
     state: web::Data<AppState>,
@@ -173,7 +173,7 @@ pub async fn update_repository(
 /// Delete a repository (Admin). Its jobs stay, without a repository.
 #[utoipa::path(delete, path = "/v1/orgs/{org_id}/repositories/{repository_id}", tag = "repositories",
     params(("org_id" = String, Path), ("repository_id" = String, Path)),
-    responses((status = 204), (status = 404, body = Object)), security(("bearer" = [])))]
+    responses((status = 204), (status = 404, body = crate::views::ProblemDoc, content_type = "application/problem+json")), security(("bearer" = [])))]
 pub async fn delete_repository(
     state: web::Data<AppState>,
     caller: OrgCaller,
