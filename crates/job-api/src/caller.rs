@@ -119,3 +119,72 @@ impl FromRequest for OrgCaller {
         })
     }
 }
+
+/// What an action needs: a role, or a single permission that grants it.
+pub trait Requirement {
+    const ROLE: Role;
+    const PERMISSION: &'static str;
+}
+
+macro_rules! requirement {
+    ($(#[$doc:meta])* $name:ident, $role:expr, $permission:literal) => {
+        $(#[$doc])*
+        pub struct $name;
+        impl Requirement for $name {
+            const ROLE: Role = $role;
+            const PERMISSION: &'static str = $permission;
+        }
+    };
+}
+
+requirement!(
+    /// Change org settings.
+    ManageSettings, Role::Admin, "settings:manage"
+);
+requirement!(
+    /// Create, change and delete repositories.
+    ManageRepositories, Role::Admin, "repos:manage"
+);
+requirement!(
+    /// Registration tokens, drain, revoke.
+    ManageAgents, Role::Admin, "agents:manage"
+);
+requirement!(
+    /// Approve or reject jobs.
+    ApproveJobs, Role::Admin, "jobs:approve"
+);
+requirement!(
+    /// Reorder queues.
+    ReorderJobs, Role::Admin, "jobs:reorder"
+);
+
+/// An org member allowed to do `R`. Checked while extracting, before the
+/// body is read, so a member without the right gets 403 whatever they send.
+pub struct Authorized<R> {
+    pub caller: OrgCaller,
+    requirement: std::marker::PhantomData<R>,
+}
+
+impl<R> std::ops::Deref for Authorized<R> {
+    type Target = OrgCaller;
+    fn deref(&self) -> &OrgCaller {
+        &self.caller
+    }
+}
+
+impl<R: Requirement + 'static> FromRequest for Authorized<R> {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, Self::Error>>>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let caller = OrgCaller::from_request(req, payload);
+        Box::pin(async move {
+            let caller = caller.await?;
+            caller.require(R::ROLE, R::PERMISSION)?;
+            Ok(Self {
+                caller,
+                requirement: std::marker::PhantomData,
+            })
+        })
+    }
+}

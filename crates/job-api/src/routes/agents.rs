@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use actix_web::{HttpResponse, web};
-use auth::Role;
 use bus::Channel;
 use db::agents::{Agent, NewRegistrationToken};
 use domain::AgentId;
@@ -14,7 +13,7 @@ use domain::validation::Errors;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::caller::OrgCaller;
+use crate::caller::{Authorized, ManageAgents, OrgCaller};
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
@@ -65,10 +64,9 @@ pub struct RegistrationTokenCreated {
     security(("bearer" = [])))]
 pub async fn create_registration_token(
     state: web::Data<AppState>,
-    caller: OrgCaller,
+    caller: Authorized<ManageAgents>,
     body: web::Json<CreateRegistrationToken>,
 ) -> ApiResult<HttpResponse> {
-    caller.require(Role::Admin, "agents:manage")?;
     let body = body.into_inner();
     let ttl = body.ttl_secs.unwrap_or(3_600);
     let max_uses = body.max_uses.unwrap_or(1);
@@ -237,10 +235,9 @@ async fn audit(
     security(("bearer" = [])))]
 pub async fn drain_agent(
     state: web::Data<AppState>,
-    caller: OrgCaller,
+    caller: Authorized<ManageAgents>,
     path: web::Path<AgentPath>,
 ) -> ApiResult<HttpResponse> {
-    caller.require(Role::Admin, "agents:manage")?;
     let id = path.id()?;
     let mut conn = state.db.conn().await?;
     db::agents::get(&mut conn, &caller.org, id)
@@ -267,10 +264,9 @@ pub async fn drain_agent(
     responses((status = 204), (status = 403, body = crate::views::ProblemDoc, content_type = "application/problem+json"), (status = 404, body = crate::views::ProblemDoc, content_type = "application/problem+json")), security(("bearer" = [])))]
 pub async fn revoke_agent(
     state: web::Data<AppState>,
-    caller: OrgCaller,
+    caller: Authorized<ManageAgents>,
     path: web::Path<AgentPath>,
 ) -> ApiResult<HttpResponse> {
-    caller.require(Role::Admin, "agents:manage")?;
     let id = path.id()?;
     let mut conn = state.db.conn().await?;
     db::agents::revoke(&mut conn, &caller.org, id)

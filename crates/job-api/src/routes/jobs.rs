@@ -2,7 +2,6 @@
 //! operator actions cancel, retry, approve and reject.
 
 use actix_web::{HttpRequest, HttpResponse, web};
-use auth::Role;
 use bus::Channel;
 use chrono::Utc;
 use db::jobs::{CreateContext, Idempotency, ListFilter};
@@ -17,7 +16,7 @@ use sha2::{Digest, Sha256};
 use utoipa::IntoParams;
 use uuid::Uuid;
 
-use crate::caller::OrgCaller;
+use crate::caller::{ApproveJobs, Authorized, OrgCaller};
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 use crate::views::{
@@ -562,10 +561,9 @@ pub async fn retry_job(
     security(("bearer" = [])))]
 pub async fn approve_job(
     state: web::Data<AppState>,
-    caller: OrgCaller,
+    caller: Authorized<ApproveJobs>,
     path: web::Path<JobPath>,
 ) -> ApiResult<HttpResponse> {
-    caller.require(Role::Admin, "jobs:approve")?;
     act(&state, &caller, &path, OperatorAction::Approve).await
 }
 
@@ -575,10 +573,9 @@ pub async fn approve_job(
     security(("bearer" = [])))]
 pub async fn reject_job(
     state: web::Data<AppState>,
-    caller: OrgCaller,
+    caller: Authorized<ApproveJobs>,
     path: web::Path<JobPath>,
 ) -> ApiResult<HttpResponse> {
-    caller.require(Role::Admin, "jobs:approve")?;
     act(&state, &caller, &path, OperatorAction::Reject).await
 }
 

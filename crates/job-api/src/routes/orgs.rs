@@ -1,14 +1,13 @@
 //! The caller's organizations and their settings.
 
 use actix_web::{HttpResponse, web};
-use auth::Role;
 use domain::job::QueueName;
 use domain::org::{ApprovalPolicy, OrgSettings};
 use domain::retry::RetryPolicy;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::caller::{Caller, OrgCaller};
+use crate::caller::{Authorized, Caller, ManageSettings, OrgCaller};
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
@@ -129,10 +128,9 @@ pub async fn get_settings(
     security(("bearer" = [])))]
 pub async fn update_settings(
     state: web::Data<AppState>,
-    caller: OrgCaller,
+    caller: Authorized<ManageSettings>,
     patch: web::Json<SettingsPatch>,
 ) -> ApiResult<HttpResponse> {
-    caller.require(Role::Admin, "settings:manage")?;
     let patch = patch.into_inner();
     let mut conn = state.db.conn().await?;
     let mut settings = db::orgs::settings(&mut conn, &caller.org).await?;

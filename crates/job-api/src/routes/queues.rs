@@ -2,7 +2,6 @@
 //! reorder) and org statistics.
 
 use actix_web::{HttpResponse, web};
-use auth::Role;
 use bus::Channel;
 use chrono::{DateTime, Utc};
 use db::queues::Placement;
@@ -13,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use crate::caller::OrgCaller;
+use crate::caller::{Authorized, OrgCaller, ReorderJobs};
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 use crate::views::JobView;
@@ -200,11 +199,10 @@ pub struct ReorderRequest {
     security(("bearer" = [])))]
 pub async fn reorder_queue(
     state: web::Data<AppState>,
-    caller: OrgCaller,
+    caller: Authorized<ReorderJobs>,
     path: web::Path<QueuePath>,
     body: web::Json<ReorderRequest>,
 ) -> ApiResult<HttpResponse> {
-    caller.require(Role::Admin, "jobs:reorder")?;
     let queue = path.queue()?;
     let placement = match (body.before, body.after) {
         (Some(before), None) => Placement::Before(domain::JobId(before)),

@@ -1,14 +1,13 @@
 //! Repositories: CRUD with a per-repository concurrency limit.
 
 use actix_web::{HttpResponse, web};
-use auth::Role;
 use db::repositories::Repository;
 use domain::RepositoryId;
 use domain::org::RepositorySpec;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::caller::OrgCaller;
+use crate::caller::{Authorized, ManageRepositories, OrgCaller};
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
@@ -109,10 +108,9 @@ fn conflict_is_name(error: db::DbError) -> ApiError {
     security(("bearer" = [])))]
 pub async fn create_repository(
     state: web::Data<AppState>,
-    caller: OrgCaller,
+    caller: Authorized<ManageRepositories>,
     body: web::Json<RepositoryBody>,
 ) -> ApiResult<HttpResponse> {
-    caller.require(Role::Admin, "repos:manage")?;
     let mut conn = state.db.conn().await?;
     let repo = db::repositories::create(&mut conn, &caller.org, &spec(body.into_inner()))
         .await
@@ -157,11 +155,10 @@ pub async fn get_repository(
     security(("bearer" = [])))]
 pub async fn update_repository(
     state: web::Data<AppState>,
-    caller: OrgCaller,
+    caller: Authorized<ManageRepositories>,
     path: web::Path<RepositoryPath>,
     body: web::Json<RepositoryBody>,
 ) -> ApiResult<HttpResponse> {
-    caller.require(Role::Admin, "repos:manage")?;
     let mut conn = state.db.conn().await?;
     let repo =
         db::repositories::update(&mut conn, &caller.org, path.id()?, &spec(body.into_inner()))
@@ -176,10 +173,9 @@ pub async fn update_repository(
     responses((status = 204), (status = 404, body = crate::views::ProblemDoc, content_type = "application/problem+json")), security(("bearer" = [])))]
 pub async fn delete_repository(
     state: web::Data<AppState>,
-    caller: OrgCaller,
+    caller: Authorized<ManageRepositories>,
     path: web::Path<RepositoryPath>,
 ) -> ApiResult<HttpResponse> {
-    caller.require(Role::Admin, "repos:manage")?;
     let mut conn = state.db.conn().await?;
     db::repositories::delete(&mut conn, &caller.org, path.id()?)
         .await
