@@ -697,3 +697,284 @@ async fn request_ids_are_returned_and_recorded_in_the_audit_trail() {
         .expect("send");
     assert!(!generated.headers()["x-request-id"].is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn orgs_settings_and_repositories_round_trip() {
+    let api = Api::start().await;
+    let admin = Api::token("acme", Role::Admin);
+    let (status, orgs) = api.call(Method::GET, "/v1/orgs", Some(&admin), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(orgs["orgs"][0]["org_id"], "acme");
+    assert_eq!(orgs["orgs"][0]["role"], "Admin");
+
+    let (_, settings) = api
+        .call(Method::GET, "/v1/orgs/acme/settings", Some(&admin), None)
+        .await;
+    assert_eq!(settings["default_queue"], "backlog");
+    assert_eq!(settings["queue_precedence"], json!(["rework", "backlog"]));
+    let (status, changed) = api
+        .call(
+            Method::PATCH,
+            "/v1/orgs/acme/settings",
+            Some(&admin),
+            Some(json!({"max_concurrent_jobs": 5, "approval_policy": "always"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{changed}");
+    let (_, job) = api
+        .call(
+            Method::POST,
+            "/v1/orgs/acme/jobs",
+            Some(&admin),
+            Some(json!({"command": "x"})),
+        )
+        .await;
+    assert_eq!(
+        job["status"], "pending_approval",
+        "the always policy gates every job"
+    );
+    let (_, cleared) = api
+        .call(
+            Method::PATCH,
+            "/v1/orgs/acme/settings",
+            Some(&admin),
+            Some(json!({"max_concurrent_jobs": null})),
+        )
+        .await;
+    assert_eq!(cleared["max_concurrent_jobs"], Value::Null);
+    assert_eq!(
+        cleared["approval_policy"], "always",
+        "fields not sent are kept"
+    );
+
+    let (status, repo) = api
+        .call(
+            Method::POST,
+            "/v1/orgs/acme/repositories",
+            Some(&admin),
+            Some(json!({"name": "api", "max_concurrent_jobs": 2})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let id = repo["id"].as_str().expect("id").to_owned();
+    let (status, _) = api
+        .call(
+            Method::POST,
+            "/v1/orgs/acme/repositories",
+            Some(&admin),
+            Some(json!({"name": "api"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "names are unique per org");
+    let (status, updated) = api
+        .call(
+            Method::PATCH,
+            &format!("/v1/orgs/acme/repositories/{id}"),
+            Some(&admin),
+            Some(json!({"name": "api-v2"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(updated["name"], "api-v2");
+    let (_, list) = api
+        .call(
+            Method::GET,
+            "/v1/orgs/acme/repositories",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(list["repositories"].as_array().expect("list").len(), 1);
+    let (status, _) = api
+        .call(
+            Method::POST,
+            "/v1/orgs/acme/jobs",
+            Some(&admin),
+            Some(json!({"command": "x", "repository_id": id})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, _) = api
+        .call(
+            Method::DELETE,
+            &format!("/v1/orgs/acme/repositories/{id}"),
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = api
+        .call(
+            Method::GET,
+            &format!("/v1/orgs/acme/repositories/{id}"),
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agents_can_be_listed_drained_and_revoked() {
+    let api = Api::start().await;
+    let admin = Api::token("acme", Role::Admin);
+    let (_, created) = api
+        .call(
+            Method::POST,
+            "/v1/orgs/acme/registration-tokens",
+            Some(&admin),
+            Some(json!({"labels": ["gpu"]})),
+        )
+        .await;
+    let mut conn = api.db.conn().await;
+    let agent = db::agents::register(
+        &mut conn,
+        created["token"].as_str().expect("token"),
+        &domain::agent::AgentProfile {
+            name: "runner".into(),
+            labels: domain::job::Labels::new(["linux"]),
+            capacity: 2,
+            version: "1".into(),
+        },
+    )
+    .await
+    .expect("db")
+    .expect("registered");
+    let id = agent.agent.id;
+    let (_, list) = api
+        .call(Method::GET, "/v1/orgs/acme/agents", Some(&admin), None)
+        .await;
+    assert_eq!(list["agents"][0]["labels"], json!(["gpu", "linux"]));
+    assert_eq!(list["agents"][0]["status"], "offline");
+    let (status, drained) = api
+        .call(
+            Method::POST,
+            &format!("/v1/orgs/acme/agents/{id}/drain"),
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(drained["status"], "draining");
+    let (status, _) = api
+        .call(
+            Method::DELETE,
+            &format!("/v1/orgs/acme/agents/{id}"),
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (_, shown) = api
+        .call(
+            Method::GET,
+            &format!("/v1/orgs/acme/agents/{id}"),
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(shown["status"], "revoked");
+    assert!(
+        db::agents::authenticate(&mut conn, &agent.secret)
+            .await
+            .expect("db")
+            .is_none(),
+        "the credential no longer works"
+    );
+    let (_, audit) = api
+        .call(Method::GET, "/v1/orgs/acme/audit", Some(&admin), None)
+        .await;
+    let actions: Vec<&str> = audit["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "agent.revoked",
+            "agent.drained",
+            "registration_token.created"
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_letters_are_listed_and_redriven() {
+    let api = Api::start().await;
+    let member = Api::token("acme", Role::Member);
+    let (_, job) = api
+        .call(
+            Method::POST,
+            "/v1/orgs/acme/jobs",
+            Some(&member),
+            Some(json!({"command": "false", "retry_policy": {"maximum_attempts": 1}})),
+        )
+        .await;
+    let id: domain::JobId = job["id"].as_str().expect("id").parse().expect("uuid");
+    let mut conn = api.db.conn().await;
+    let lease = db::leases::lease_job(
+        &mut conn,
+        id,
+        domain::AgentId::new(),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("lease");
+    db::leases::start(&mut conn, id, lease.epoch as u64, Duration::from_secs(30))
+        .await
+        .expect("start");
+    let ending = db::leases::Ending::Failed {
+        exit_code: Some(1),
+        error_kind: None,
+        message: None,
+    };
+    db::leases::end_attempt(&mut conn, id, Some(lease.epoch as u64), ending)
+        .await
+        .expect("fail");
+
+    let (status, dead) = api
+        .call(
+            Method::GET,
+            "/v1/orgs/acme/dead-letters",
+            Some(&member),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(dead["items"][0]["id"], job["id"]);
+    assert_eq!(dead["items"][0]["status"], "dead");
+    let (status, redriven) = api
+        .call(
+            Method::POST,
+            &format!("/v1/orgs/acme/dead-letters/{id}/redrive"),
+            Some(&member),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(redriven["status"], "queued");
+    let (_, dead) = api
+        .call(
+            Method::GET,
+            "/v1/orgs/acme/dead-letters",
+            Some(&member),
+            None,
+        )
+        .await;
+    assert!(dead["items"].as_array().expect("items").is_empty());
+    let (status, _) = api
+        .call(
+            Method::POST,
+            &format!("/v1/orgs/acme/dead-letters/{id}/redrive"),
+            Some(&member),
+            None,
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "a queued job is not a dead letter"
+    );
+}
