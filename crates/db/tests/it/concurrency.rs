@@ -131,7 +131,8 @@ async fn concurrent_workers_never_hold_more_slots_than_the_limit() {
                         db::leases::start(&mut conn, job, lease.epoch as u64, TTL)
                             .await
                             .expect("start");
-                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        // Long enough that ten workers contend for three slots.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
                         db::leases::succeed(&mut conn, job, lease.epoch as u64, Some(0))
                             .await
                             .expect("succeed");
