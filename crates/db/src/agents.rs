@@ -8,7 +8,7 @@ use diesel::prelude::*;
 use diesel_async::{AsyncConnection, RunQueryDsl};
 use domain::agent::{AgentProfile, AgentStatus};
 use domain::job::Labels;
-use domain::{AgentId, OrgId, RegistrationTokenId};
+use domain::{AgentId, DomainError, OrgId, RegistrationTokenId};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -185,6 +185,20 @@ pub async fn register(
             ))
             .execute(conn)
             .await?;
+        let org = OrgId::parse(org_id.clone()).map_err(DomainError::from)?;
+        crate::audit::record(
+            conn,
+            crate::audit::Record {
+                org: &org,
+                actor: &format!("registration_token:{token_id}"),
+                action: "agent.registered",
+                target_type: "agent",
+                target_id: agent.id.to_string(),
+                request_id: None,
+                details: serde_json::json!({ "name": agent.name, "labels": agent.labels, "capacity": agent.capacity }),
+            },
+        )
+        .await?;
         Ok(Ok(Registered { agent, secret }))
     })
     .await

@@ -164,6 +164,25 @@ pub async fn reorder(
     .await
 }
 
+/// The queue's waiting jobs (queued or pending approval) in queue order:
+/// priority first, then position.
+pub async fn waiting_order(
+    conn: &mut PgConn,
+    org: &OrgId,
+    queue: &domain::job::QueueName,
+) -> DbResult<Vec<JobId>> {
+    let ids: Vec<Uuid> = jobs::table
+        .filter(jobs::org_id.eq(org.as_str()))
+        .filter(jobs::queue.eq(queue.as_str()))
+        .filter(jobs::status.eq_any(["queued", "pending_approval"]))
+        .order((jobs::priority.desc(), jobs::position.asc()))
+        .select(jobs::id)
+        .limit(100_000)
+        .load(conn)
+        .await?;
+    Ok(ids.into_iter().map(JobId).collect())
+}
+
 /// Statistics over a time window.
 #[derive(Clone, Debug, PartialEq, Serialize, QueryableByName)]
 pub struct WindowStats {

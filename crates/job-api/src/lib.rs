@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::web;
-use service_kit::config::{CommonConfig, ConfigError, Source, address, parsed};
+use service_kit::config::{CommonConfig, ConfigError, Source, address, optional, parsed};
 use service_kit::launch::{Foundation, ServiceConfig};
 use tokio_util::sync::CancellationToken;
 use utoipa::OpenApi;
@@ -41,13 +41,18 @@ pub const BODY_LIMIT_BYTES: usize = 1024 * 1024;
 /// |---|---|---|
 /// | `JOB_API_ADDR` | `127.0.0.1:8080` | listen address |
 /// | `CANCEL_GRACE_MS` | `30000` | time a cancelled job has to stop before the cancel is forced |
+/// | `JOB_API_CORS_ORIGINS` | `http://127.0.0.1:8090,http://localhost:8090` | browser origins allowed to call the API (the dashboard's); `*` for any |
 #[derive(Clone, Debug)]
 pub struct Config {
     pub common: CommonConfig,
     pub addr: SocketAddr,
     pub auth: auth::AuthConfig,
     pub cancel_grace: Duration,
+    pub cors_origins: Vec<String>,
 }
+
+/// The dashboard's origin when run by `scripts/dev.sh`.
+pub const DEFAULT_CORS_ORIGINS: &str = "http://127.0.0.1:8090,http://localhost:8090";
 
 impl ServiceConfig for Config {
     fn from_source(source: &dyn Source) -> Result<Self, ConfigError> {
@@ -56,6 +61,12 @@ impl ServiceConfig for Config {
             addr: address(source, "JOB_API_ADDR", "127.0.0.1:8080")?,
             auth: auth::AuthConfig::from_source(source)?,
             cancel_grace: Duration::from_millis(parsed(source, "CANCEL_GRACE_MS", 30_000u64)?),
+            cors_origins: optional(source, "JOB_API_CORS_ORIGINS")
+                .unwrap_or_else(|| DEFAULT_CORS_ORIGINS.to_owned())
+                .split(',')
+                .map(|o| o.trim().trim_end_matches('/').to_owned())
+                .filter(|o| !o.is_empty())
+                .collect(),
         })
     }
 
@@ -79,6 +90,7 @@ pub async fn run(
         config.cancel_grace,
     )));
     let openapi = ApiDoc::openapi();
+    let origins = config.cors_origins.clone();
     service_kit::http::serve(
         listener,
         &config.common.http,
@@ -95,12 +107,19 @@ pub async fn run(
                 .app_data(web::PathConfig::default().error_handler(path_error))
                 .service(
                     web::scope("/v1")
+                        .wrap(cors(&origins))
                         .configure(routes::orgs::configure)
                         .configure(routes::repositories::configure)
                         .configure(routes::jobs::configure)
                         .configure(routes::queues::configure)
                         .configure(routes::agents::configure)
-                        .configure(routes::operations::configure),
+                        .configure(routes::operations::configure)
+                        // Gives browser preflights a route to reach the CORS middleware, which answers them.
+                        .route(
+                            "/{tail:.*}",
+                            web::method(actix_web::http::Method::OPTIONS)
+                                .to(actix_web::HttpResponse::NoContent),
+                        ),
                 )
                 .service(SwaggerUi::new("/docs/{_:.*}").url("/openapi.json", openapi.clone()))
                 .default_service(web::to(not_found));
@@ -108,6 +127,29 @@ pub async fn run(
     )
     .await?;
     Ok(())
+}
+
+/// Lets the dashboard (served by the broadcaster, another origin) call the
+/// API. Credentials travel in the Authorization header, never cookies.
+fn cors(origins: &[String]) -> actix_cors::Cors {
+    let mut cors = actix_cors::Cors::default()
+        .allowed_methods(["GET", "POST", "PATCH", "DELETE"])
+        .allowed_headers([
+            actix_web::http::header::AUTHORIZATION,
+            actix_web::http::header::CONTENT_TYPE,
+            actix_web::http::header::HeaderName::from_static("idempotency-key"),
+            actix_web::http::header::HeaderName::from_static("x-request-id"),
+        ])
+        .expose_headers(["x-request-id", "idempotent-replayed"])
+        .max_age(600);
+    for origin in origins {
+        cors = if origin == "*" {
+            cors.allow_any_origin()
+        } else {
+            cors.allowed_origin(origin)
+        };
+    }
+    cors
 }
 
 async fn not_found() -> error::ApiResult<actix_web::HttpResponse> {

@@ -66,6 +66,10 @@ pub const VARIABLES: &[&str] = &[
     "AUTH_AUDIENCE",
     // Read by job-api and the scheduler.
     "CANCEL_GRACE_MS",
+    // Read by job-api: browser origins allowed (the dashboard's).
+    "JOB_API_CORS_ORIGINS",
+    // Read by realtime-broadcaster: where the dashboard finds job-api.
+    "DASHBOARD_API_URL",
     // Read by the scheduler (`scheduler::Settings`).
     "SCHEDULER_SWEEP_INTERVAL_MS",
     "SCHEDULER_ACK_TIMEOUT_MS",

@@ -183,13 +183,15 @@ pub async fn get_queue(
     Ok(HttpResponse::Ok().json(QueueDetail { summary, entries }))
 }
 
-/// Move a job just before or just after another job of the same queue.
+/// Move a job just before or just after another job of the same queue, or
+/// to a 1-based position in the queue. Give exactly one of the three.
 #[derive(Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReorderRequest {
     pub job_id: Uuid,
     pub before: Option<Uuid>,
     pub after: Option<Uuid>,
+    pub position: Option<u64>,
 }
 
 /// Reorder a queue (Admin or `jobs:reorder`).
@@ -204,17 +206,27 @@ pub async fn reorder_queue(
     body: web::Json<ReorderRequest>,
 ) -> ApiResult<HttpResponse> {
     let queue = path.queue()?;
-    let placement = match (body.before, body.after) {
-        (Some(before), None) => Placement::Before(domain::JobId(before)),
-        (None, Some(after)) => Placement::After(domain::JobId(after)),
+    let mut conn = state.db.conn().await?;
+    let placement = match (body.before, body.after, body.position) {
+        (Some(before), None, None) => Placement::Before(domain::JobId(before)),
+        (None, Some(after), None) => Placement::After(domain::JobId(after)),
+        (None, None, Some(position)) => {
+            placement_at(
+                &mut conn,
+                &caller.org,
+                &queue,
+                domain::JobId(body.job_id),
+                position,
+            )
+            .await?
+        }
         _ => {
             return Err(ApiError::invalid(
                 "before",
-                "give exactly one of before or after",
+                "give exactly one of before, after or position",
             ));
         }
     };
-    let mut conn = state.db.conn().await?;
     let job = db::jobs::get(&mut conn, &caller.org, domain::JobId(body.job_id))
         .await
         .map_err(|_| ApiError::NotFound("job"))?;
@@ -244,6 +256,32 @@ pub async fn reorder_queue(
         )
         .await;
     Ok(HttpResponse::Ok().json(JobView::from(&moved)))
+}
+
+/// Turns "position N of this queue" into a place relative to the job now
+/// there, using the queue's own order (as its entries are listed).
+async fn placement_at(
+    conn: &mut db::PgConn,
+    org: &domain::OrgId,
+    queue: &QueueName,
+    moving: domain::JobId,
+    position: u64,
+) -> ApiResult<Placement> {
+    if position == 0 {
+        return Err(ApiError::invalid("position", "positions start at 1"));
+    }
+    let waiting = db::queues::waiting_order(conn, org, queue).await?;
+    let others: Vec<domain::JobId> = waiting.into_iter().filter(|id| *id != moving).collect();
+    let Some(last) = others.last().copied() else {
+        return Err(ApiError::invalid(
+            "position",
+            "the job is alone in its queue",
+        ));
+    };
+    Ok(match others.get(position as usize - 1) {
+        Some(at) => Placement::Before(*at),
+        None => Placement::After(last),
+    })
 }
 
 #[derive(Deserialize, IntoParams)]

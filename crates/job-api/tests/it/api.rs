@@ -29,6 +29,7 @@ impl Api {
                 ..auth::AuthConfig::default()
             },
             cancel_grace: Duration::from_secs(30),
+            cors_origins: vec!["http://127.0.0.1:8090".into()],
         };
         let service =
             spawn_service(move |listener, shutdown| job_api::run(config, listener, shutdown));
@@ -637,6 +638,48 @@ async fn queues_show_order_and_reorder_moves_a_job() {
         entries(&detail),
         [ids[2].clone(), ids[1].clone(), ids[0].clone()]
     );
+    let (status, _) = api
+        .call(
+            Method::POST,
+            "/v1/orgs/acme/queues/backlog/reorder",
+            Some(&admin),
+            Some(json!({"job_id": ids[0], "position": 1})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, detail) = api
+        .call(
+            Method::GET,
+            "/v1/orgs/acme/queues/backlog",
+            Some(&member),
+            None,
+        )
+        .await;
+    assert_eq!(
+        entries(&detail),
+        [ids[0].clone(), ids[2].clone(), ids[1].clone()]
+    );
+    let (status, _) = api
+        .call(
+            Method::POST,
+            "/v1/orgs/acme/queues/backlog/reorder",
+            Some(&admin),
+            Some(json!({"job_id": ids[0], "position": 99})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "past the end means last");
+    let (_, detail) = api
+        .call(
+            Method::GET,
+            "/v1/orgs/acme/queues/backlog",
+            Some(&member),
+            None,
+        )
+        .await;
+    assert_eq!(
+        entries(&detail),
+        [ids[2].clone(), ids[1].clone(), ids[0].clone()]
+    );
     // The job's own page agrees with the queue's order.
     let (_, job) = api
         .call(
@@ -895,6 +938,7 @@ async fn agents_can_be_listed_drained_and_revoked() {
         [
             "agent.revoked",
             "agent.drained",
+            "agent.registered",
             "registration_token.created"
         ]
     );
@@ -976,5 +1020,49 @@ async fn dead_letters_are_listed_and_redriven() {
         status,
         StatusCode::CONFLICT,
         "a queued job is not a dead letter"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dashboards_origin_may_call_the_api_and_others_may_not() {
+    let api = Api::start().await;
+    let preflight = |origin: &str| {
+        api.client
+            .request(
+                Method::OPTIONS,
+                format!("{}/v1/orgs/acme/jobs", api.service.url()),
+            )
+            .header("Origin", origin)
+            .header("Access-Control-Request-Method", "POST")
+            .header(
+                "Access-Control-Request-Headers",
+                "authorization,content-type",
+            )
+            .send()
+    };
+    let allowed = preflight("http://127.0.0.1:8090").await.expect("preflight");
+    assert!(
+        allowed.status().is_success(),
+        "{:?} {:?}",
+        allowed.status(),
+        allowed.headers()
+    );
+    assert_eq!(
+        allowed.headers()["access-control-allow-origin"],
+        "http://127.0.0.1:8090"
+    );
+    let allowed_headers = allowed.headers()["access-control-allow-headers"]
+        .to_str()
+        .expect("ascii")
+        .to_lowercase();
+    assert!(
+        allowed_headers.contains("authorization"),
+        "{allowed_headers}"
+    );
+    let refused = preflight("https://evil.example").await.expect("preflight");
+    assert!(
+        !refused
+            .headers()
+            .contains_key("access-control-allow-origin")
     );
 }

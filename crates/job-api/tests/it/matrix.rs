@@ -107,6 +107,7 @@ async fn every_route_enforces_auth_roles_and_org_isolation() {
             ..auth::AuthConfig::default()
         },
         cancel_grace: Duration::from_secs(30),
+        cors_origins: vec!["http://127.0.0.1:8090".into()],
     };
     let service = spawn_service(move |listener, shutdown| job_api::run(config, listener, shutdown));
     let base = service.url();

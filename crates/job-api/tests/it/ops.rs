@@ -10,6 +10,7 @@ fn start(db: &TestDb, redis_url: &str, prefix: &str) -> RunningService {
             ..auth::AuthConfig::default()
         },
         cancel_grace: std::time::Duration::from_secs(30),
+        cors_origins: Vec::new(),
     };
     spawn_service(move |listener, shutdown| job_api::run(config, listener, shutdown))
 }

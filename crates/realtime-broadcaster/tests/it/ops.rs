@@ -1,13 +1,9 @@
 use std::time::Duration;
 
-use test_support::{RedisServer, TestDb, TestRedis, common_config, spawn_service};
+use test_support::{RedisServer, TestDb, TestRedis};
 
 async fn start(db: &TestDb, redis_url: &str, prefix: &str) -> test_support::RunningService {
-    let config = realtime_broadcaster::Config {
-        common: common_config(realtime_broadcaster::SERVICE, db, redis_url, prefix),
-        addr: "127.0.0.1:0".parse().expect("addr"),
-    };
-    spawn_service(move |listener, shutdown| realtime_broadcaster::run(config, listener, shutdown))
+    crate::support::start(db, redis_url, prefix)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -211,6 +211,7 @@ mod against_job_api {
                 ..auth::AuthConfig::default()
             },
             cancel_grace: Duration::from_secs(30),
+            cors_origins: vec!["http://127.0.0.1:8090".into()],
         };
         let service =
             spawn_service(move |listener, shutdown| job_api::run(config, listener, shutdown));
