@@ -70,6 +70,12 @@ impl Job {
         self.status.parse().unwrap_or(JobStatus::Failed)
     }
 
+    pub fn queue_name(&self) -> domain::job::QueueName {
+        // The column only ever holds names that parsed on the way in.
+        domain::job::QueueName::parse(self.queue.clone())
+            .unwrap_or_else(|_| domain::job::QueueName::backlog())
+    }
+
     pub fn retry_policy(&self) -> RetryPolicy {
         serde_json::from_value(self.retry_policy.clone()).unwrap_or_default()
     }

@@ -143,16 +143,10 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use super::*;
 
-    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        move |name: &str| map.get(name).cloned()
+    fn env(pairs: &[(&str, &str)]) -> service_kit::config::MapSource {
+        service_kit::config::MapSource::new(pairs)
     }
 
     #[test]

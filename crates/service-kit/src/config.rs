@@ -118,6 +118,27 @@ impl<F: Fn(&str) -> Option<String>> Source for F {
     }
 }
 
+/// Variables from a fixed list: for tests, and for tools that build a
+/// service's configuration without touching the process environment.
+pub struct MapSource(std::collections::HashMap<String, String>);
+
+impl MapSource {
+    pub fn new(pairs: &[(&str, &str)]) -> Self {
+        Self(
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        )
+    }
+}
+
+impl Source for MapSource {
+    fn get(&self, name: &str) -> Option<String> {
+        self.0.get(name).cloned()
+    }
+}
+
 fn present(source: &dyn Source, name: &str) -> Option<String> {
     source
         .get(name)
@@ -317,16 +338,10 @@ impl CommonConfig {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use super::*;
 
-    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        move |name: &str| map.get(name).cloned()
+    fn env(pairs: &[(&str, &str)]) -> MapSource {
+        MapSource::new(pairs)
     }
 
     const MINIMAL: [(&str, &str); 2] = [

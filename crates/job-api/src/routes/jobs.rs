@@ -172,8 +172,7 @@ async fn announce_created(
     for job in jobs.iter().take(100) {
         let event = Event::JobCreated {
             job_id: job.job_id(),
-            queue: domain::job::QueueName::parse(job.queue.clone())
-                .unwrap_or_else(|_| domain::job::QueueName::backlog()),
+            queue: job.queue_name(),
             status: job.status(),
         };
         state
@@ -181,8 +180,7 @@ async fn announce_created(
             .await;
     }
     if let Some(first) = jobs.first() {
-        let queue = domain::job::QueueName::parse(first.queue.clone())
-            .unwrap_or_else(|_| domain::job::QueueName::backlog());
+        let queue = first.queue_name();
         state
             .publish(
                 Channel::SchedulerWake,
@@ -455,13 +453,12 @@ fn not_found(what: &'static str) -> impl Fn(db::DbError) -> ApiError {
     }
 }
 
-async fn act(
+pub(crate) async fn act(
     state: &AppState,
     caller: &OrgCaller,
-    path: &JobPath,
+    id: JobId,
     action: OperatorAction,
 ) -> ApiResult<HttpResponse> {
-    let id = path.job()?;
     let mut conn = state.db.conn().await?;
     let job = db::leases::operate_audited(
         &mut conn,
@@ -506,8 +503,7 @@ async fn act(
                 .await;
         }
         (JobStatus::Queued, _) => {
-            let queue = domain::job::QueueName::parse(job.queue.clone())
-                .unwrap_or_else(|_| domain::job::QueueName::backlog());
+            let queue = job.queue_name();
             state
                 .publish(
                     Channel::SchedulerWake,
@@ -535,7 +531,7 @@ pub async fn cancel_job(
     act(
         &state,
         &caller,
-        &path,
+        path.job()?,
         OperatorAction::Cancel {
             grace: state.cancel_grace,
         },
@@ -552,7 +548,7 @@ pub async fn retry_job(
     caller: OrgCaller,
     path: web::Path<JobPath>,
 ) -> ApiResult<HttpResponse> {
-    act(&state, &caller, &path, OperatorAction::Retry).await
+    act(&state, &caller, path.job()?, OperatorAction::Retry).await
 }
 
 /// Approve a job waiting for approval (Admin, or the `jobs:approve` permission).
@@ -564,7 +560,7 @@ pub async fn approve_job(
     caller: Authorized<ApproveJobs>,
     path: web::Path<JobPath>,
 ) -> ApiResult<HttpResponse> {
-    act(&state, &caller, &path, OperatorAction::Approve).await
+    act(&state, &caller, path.job()?, OperatorAction::Approve).await
 }
 
 /// Reject a job waiting for approval (Admin, or the `jobs:approve` permission).
@@ -576,7 +572,7 @@ pub async fn reject_job(
     caller: Authorized<ApproveJobs>,
     path: web::Path<JobPath>,
 ) -> ApiResult<HttpResponse> {
-    act(&state, &caller, &path, OperatorAction::Reject).await
+    act(&state, &caller, path.job()?, OperatorAction::Reject).await
 }
 
 pub(crate) fn job_id_param(raw: &str) -> ApiResult<JobId> {

@@ -1,10 +1,8 @@
 //! Dead letters, the audit trail and the system summary.
 
 use actix_web::{HttpResponse, web};
-use bus::Channel;
 use db::jobs::ListFilter;
 use db::leases::OperatorAction;
-use domain::events::Event;
 use domain::job::JobStatus;
 use domain::validation::limits;
 use serde::{Deserialize, Serialize};
@@ -98,31 +96,7 @@ pub async fn redrive_dead_letter(
     path: web::Path<DeadLetterPath>,
 ) -> ApiResult<HttpResponse> {
     let id = crate::routes::jobs::job_id_param(&path.job_id)?;
-    let mut conn = state.db.conn().await?;
-    let job = db::leases::operate_audited(
-        &mut conn,
-        &caller.org,
-        id,
-        OperatorAction::Redrive,
-        &caller.actor(),
-        caller.request_id(),
-    )
-    .await
-    .map_err(|e| match e {
-        db::DbError::NotFound => ApiError::NotFound("job"),
-        other => other.into(),
-    })?;
-    let queue = domain::job::QueueName::parse(job.queue.clone())
-        .unwrap_or_else(|_| domain::job::QueueName::backlog());
-    state
-        .publish(
-            Channel::SchedulerWake,
-            &caller.org,
-            Event::QueueChanged { queue },
-            caller.request_id(),
-        )
-        .await;
-    Ok(HttpResponse::Ok().json(JobView::from(&job)))
+    crate::routes::jobs::act(&state, &caller, id, OperatorAction::Redrive).await
 }
 
 #[derive(Serialize, ToSchema)]
