@@ -532,6 +532,36 @@ async fn openapi_and_swagger_ui_are_served_from_the_binary() {
     assert_eq!(system["auth_modes"], json!(["hs256"]));
 }
 
+/// The backlog's job ids in dispatch order.
+async fn queue_order(api: &Api, token: &str) -> Vec<String> {
+    let (_, detail) = api
+        .call(
+            Method::GET,
+            "/v1/orgs/acme/queues/backlog",
+            Some(token),
+            None,
+        )
+        .await;
+    detail["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| e["job_id"].as_str().expect("id").to_owned())
+        .collect()
+}
+
+/// Asks to reorder the backlog; returns the answer's status.
+async fn reorder(api: &Api, token: &str, body: Value) -> StatusCode {
+    api.call(
+        Method::POST,
+        "/v1/orgs/acme/queues/backlog/reorder",
+        Some(token),
+        Some(body),
+    )
+    .await
+    .0
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn queues_show_order_and_reorder_moves_a_job() {
     let api = Api::start().await;
@@ -568,43 +598,9 @@ async fn queues_show_order_and_reorder_moves_a_job() {
         .clone();
     assert_eq!(backlog["queued"], 3);
 
-    let entries = |detail: &Value| -> Vec<String> {
-        detail["entries"]
-            .as_array()
-            .expect("entries")
-            .iter()
-            .map(|e| e["job_id"].as_str().expect("id").to_owned())
-            .collect()
-    };
-    let (_, detail) = api
-        .call(
-            Method::GET,
-            "/v1/orgs/acme/queues/backlog",
-            Some(&member),
-            None,
-        )
-        .await;
-    assert_eq!(entries(&detail), ids);
-    assert_eq!(detail["entries"][0]["position"], 1);
+    let by = |a: usize, b: usize, c: usize| vec![ids[a].clone(), ids[b].clone(), ids[c].clone()];
 
-    let (status, _) = api
-        .call(
-            Method::POST,
-            "/v1/orgs/acme/queues/backlog/reorder",
-            Some(&member),
-            Some(json!({"job_id": ids[2], "before": ids[0]})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::FORBIDDEN);
-    let (status, moved) = api
-        .call(
-            Method::POST,
-            "/v1/orgs/acme/queues/backlog/reorder",
-            Some(&admin),
-            Some(json!({"job_id": ids[2], "before": ids[0]})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{moved}");
+    assert_eq!(queue_order(&api, &member).await, ids);
     let (_, detail) = api
         .call(
             Method::GET,
@@ -613,73 +609,33 @@ async fn queues_show_order_and_reorder_moves_a_job() {
             None,
         )
         .await;
+    assert_eq!(detail["entries"][0]["position"], 1);
     assert_eq!(
-        entries(&detail),
-        [ids[2].clone(), ids[0].clone(), ids[1].clone()]
+        reorder(&api, &member, json!({"job_id": ids[2], "before": ids[0]})).await,
+        StatusCode::FORBIDDEN
     );
-    let (status, _) = api
-        .call(
-            Method::POST,
-            "/v1/orgs/acme/queues/backlog/reorder",
-            Some(&admin),
-            Some(json!({"job_id": ids[0], "after": ids[1]})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK);
-    let (_, detail) = api
-        .call(
-            Method::GET,
-            "/v1/orgs/acme/queues/backlog",
-            Some(&member),
-            None,
-        )
-        .await;
     assert_eq!(
-        entries(&detail),
-        [ids[2].clone(), ids[1].clone(), ids[0].clone()]
+        reorder(&api, &admin, json!({"job_id": ids[2], "before": ids[0]})).await,
+        StatusCode::OK
     );
-    let (status, _) = api
-        .call(
-            Method::POST,
-            "/v1/orgs/acme/queues/backlog/reorder",
-            Some(&admin),
-            Some(json!({"job_id": ids[0], "position": 1})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK);
-    let (_, detail) = api
-        .call(
-            Method::GET,
-            "/v1/orgs/acme/queues/backlog",
-            Some(&member),
-            None,
-        )
-        .await;
+    assert_eq!(queue_order(&api, &member).await, by(2, 0, 1));
     assert_eq!(
-        entries(&detail),
-        [ids[0].clone(), ids[2].clone(), ids[1].clone()]
+        reorder(&api, &admin, json!({"job_id": ids[0], "after": ids[1]})).await,
+        StatusCode::OK
     );
-    let (status, _) = api
-        .call(
-            Method::POST,
-            "/v1/orgs/acme/queues/backlog/reorder",
-            Some(&admin),
-            Some(json!({"job_id": ids[0], "position": 99})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "past the end means last");
-    let (_, detail) = api
-        .call(
-            Method::GET,
-            "/v1/orgs/acme/queues/backlog",
-            Some(&member),
-            None,
-        )
-        .await;
+    assert_eq!(queue_order(&api, &member).await, by(2, 1, 0));
     assert_eq!(
-        entries(&detail),
-        [ids[2].clone(), ids[1].clone(), ids[0].clone()]
+        reorder(&api, &admin, json!({"job_id": ids[0], "position": 1})).await,
+        StatusCode::OK
     );
+    assert_eq!(queue_order(&api, &member).await, by(0, 2, 1));
+    assert_eq!(
+        reorder(&api, &admin, json!({"job_id": ids[0], "position": 99})).await,
+        StatusCode::OK,
+        "past the end means last"
+    );
+    assert_eq!(queue_order(&api, &member).await, by(2, 1, 0));
+
     // The job's own page agrees with the queue's order.
     let (_, job) = api
         .call(
@@ -710,35 +666,6 @@ async fn queues_show_order_and_reorder_moves_a_job() {
         )
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn request_ids_are_returned_and_recorded_in_the_audit_trail() {
-    let api = Api::start().await;
-    let token = Api::token("acme", Role::Member);
-    let response = api
-        .client
-        .post(format!("{}/v1/orgs/acme/jobs", api.service.url()))
-        .bearer_auth(&token)
-        .header("X-Request-ID", "trace-me-42")
-        .json(&json!({"command": "echo"}))
-        .send()
-        .await
-        .expect("send");
-    assert_eq!(response.headers()["x-request-id"], "trace-me-42");
-    let (_, audit) = api
-        .call(Method::GET, "/v1/orgs/acme/audit", Some(&token), None)
-        .await;
-    assert_eq!(audit["items"][0]["request_id"], "trace-me-42");
-    // Without one, the server makes one up.
-    let generated = api
-        .client
-        .get(format!("{}/v1/orgs/acme/jobs", api.service.url()))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .expect("send");
-    assert!(!generated.headers()["x-request-id"].is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]
