@@ -669,6 +669,35 @@ async fn queues_show_order_and_reorder_moves_a_job() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn request_ids_are_returned_and_recorded_in_the_audit_trail() {
+    let api = Api::start().await;
+    let token = Api::token("acme", Role::Member);
+    let response = api
+        .client
+        .post(format!("{}/v1/orgs/acme/jobs", api.service.url()))
+        .bearer_auth(&token)
+        .header("X-Request-ID", "trace-me-42")
+        .json(&json!({"command": "echo"}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.headers()["x-request-id"], "trace-me-42");
+    let (_, audit) = api
+        .call(Method::GET, "/v1/orgs/acme/audit", Some(&token), None)
+        .await;
+    assert_eq!(audit["items"][0]["request_id"], "trace-me-42");
+    // Without one, the server makes one up.
+    let generated = api
+        .client
+        .get(format!("{}/v1/orgs/acme/jobs", api.service.url()))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("send");
+    assert!(!generated.headers()["x-request-id"].is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn orgs_settings_and_repositories_round_trip() {
     let api = Api::start().await;
     let admin = Api::token("acme", Role::Admin);
