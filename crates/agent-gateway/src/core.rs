@@ -22,6 +22,7 @@ use uuid::Uuid;
 
 use crate::config::AgentSettings;
 use crate::error::{GatewayError, GatewayResult};
+use crate::metrics::GatewayMetrics;
 use bus::{Bus, Channel};
 
 /// The authenticated agent behind a session or an HTTP token.
@@ -121,6 +122,7 @@ pub struct Gateway {
     pub bus: Bus,
     pub gateway_id: String,
     pub settings: AgentSettings,
+    pub metrics: GatewayMetrics,
 }
 
 impl Gateway {
@@ -130,6 +132,7 @@ impl Gateway {
             bus,
             gateway_id,
             settings,
+            metrics: GatewayMetrics::new(),
         }
     }
 
@@ -220,7 +223,8 @@ impl Gateway {
                     agent_id: agent.agent_id(),
                     status: AgentStatus::Online,
                 },
-            );
+            )
+            .with_trace(telemetry::current_trace_context());
             self.bus
                 .publish_best_effort(&Channel::Org(org), &envelope)
                 .await;
@@ -252,7 +256,8 @@ impl Gateway {
                             agent_id: ctx.id,
                             status: AgentStatus::Offline,
                         },
-                    );
+                    )
+                    .with_trace(telemetry::current_trace_context());
                     gateway
                         .bus
                         .publish_best_effort(&Channel::Org(ctx.org.clone()), &envelope)
@@ -279,7 +284,8 @@ impl Gateway {
                     agent_id: ctx.id,
                     status: AgentStatus::Draining,
                 },
-            );
+            )
+            .with_trace(telemetry::current_trace_context());
             self.bus
                 .publish_best_effort(&Channel::Org(ctx.org.clone()), &envelope)
                 .await;
@@ -287,13 +293,15 @@ impl Gateway {
         Ok(())
     }
 
-    /// Loads the job and checks the agent holds its lease at `epoch`.
+    /// Loads the job and checks the agent holds its lease at `epoch`. A
+    /// stale epoch on an agent write (`write` names its kind) is counted.
     async fn leased_job(
         &self,
         conn: &mut PooledConn,
         ctx: &AgentContext,
         job: JobId,
         epoch: u64,
+        write: Option<&'static str>,
     ) -> GatewayResult<Job> {
         let row = db::jobs::get_any(conn, job)
             .await
@@ -303,6 +311,9 @@ impl Gateway {
         }
         let current = row.lease_epoch.max(0) as u64;
         if current != epoch {
+            if let Some(kind) = write {
+                self.metrics.stale_writes.with_label_values(&[kind]).inc();
+            }
             return Err(GatewayError::Stale {
                 job,
                 given: epoch,
@@ -324,7 +335,7 @@ impl Gateway {
         epoch: u64,
     ) -> GatewayResult<Option<AssignmentView>> {
         let mut conn = self.conn().await?;
-        match self.leased_job(&mut conn, ctx, job, epoch).await {
+        match self.leased_job(&mut conn, ctx, job, epoch, None).await {
             Ok(row) if row.status() == JobStatus::Leased => {
                 Ok(Some(AssignmentView::from_job(&row)))
             }
@@ -355,7 +366,9 @@ impl Gateway {
         epoch: u64,
     ) -> GatewayResult<Job> {
         let mut conn = self.conn().await?;
-        let row = self.leased_job(&mut conn, ctx, job, epoch).await?;
+        let row = self
+            .leased_job(&mut conn, ctx, job, epoch, Some("ack"))
+            .await?;
         if matches!(
             row.status(),
             JobStatus::Running | JobStatus::CancelRequested
@@ -417,7 +430,10 @@ impl Gateway {
             Ok(conn) => conn,
             Err(e) => return e,
         };
-        match self.leased_job(&mut conn, ctx, job, epoch).await {
+        match self
+            .leased_job(&mut conn, ctx, job, epoch, Some("heartbeat"))
+            .await
+        {
             Ok(row) => GatewayError::Transition {
                 job,
                 from: row.status(),
@@ -454,8 +470,10 @@ impl Gateway {
             });
         }
         let lines = split_lines(data, offset, Utc::now(), stream);
+        self.metrics.log_lines_received.inc_by(lines.len() as u64);
         let mut conn = self.conn().await?;
-        self.leased_job(&mut conn, ctx, job, epoch).await?;
+        self.leased_job(&mut conn, ctx, job, epoch, Some("log"))
+            .await?;
         let appended = db::logs::append(&mut conn, job, epoch, offset, &lines)
             .await
             .map_err(|e| GatewayError::from_db(Some(job), e))?;
@@ -471,7 +489,8 @@ impl Gateway {
                             epoch,
                             lines: appended.lines,
                         },
-                    );
+                    )
+                    .with_trace(telemetry::current_trace_context());
                     self.bus
                         .publish_best_effort(&Channel::Job(job), &envelope)
                         .await;
@@ -494,8 +513,14 @@ impl Gateway {
         epoch: u64,
         finish: Finish,
     ) -> GatewayResult<JobStatus> {
+        let kind = match finish {
+            Finish::CancelAcknowledged => "cancel_ack",
+            _ => "result",
+        };
         let mut conn = self.conn().await?;
-        let row = self.leased_job(&mut conn, ctx, job, epoch).await?;
+        let row = self
+            .leased_job(&mut conn, ctx, job, epoch, Some(kind))
+            .await?;
         let status = row.status();
         if status.is_terminal() || status == JobStatus::Queued {
             // Only an earlier report of this very attempt can have ended it
@@ -533,7 +558,9 @@ impl Gateway {
         ending: Ending,
     ) -> GatewayResult<JobStatus> {
         let mut conn = self.conn().await?;
-        let row = self.leased_job(&mut conn, ctx, job, epoch).await?;
+        let row = self
+            .leased_job(&mut conn, ctx, job, epoch, Some("release"))
+            .await?;
         self.end_leased(conn, ctx, &row, epoch, ending).await
     }
 
@@ -566,7 +593,8 @@ impl Gateway {
                 epoch: row.lease_epoch.max(0) as u64,
                 agent_id: Some(ctx.id),
             },
-        );
+        )
+        .with_trace(telemetry::current_trace_context());
         let Ok(payload) = serde_json::to_string(&envelope) else {
             return;
         };
@@ -590,7 +618,8 @@ impl Gateway {
                 agent_id: ctx.id,
                 status: AgentStatus::Online,
             },
-        );
+        )
+        .with_trace(telemetry::current_trace_context());
         self.bus
             .publish_best_effort(&Channel::SchedulerWake, &envelope)
             .await;

@@ -27,7 +27,10 @@ use yard_proto::v1::server_message::Msg as ServerMsg;
 use crate::config::GrpcSettings;
 use crate::core::{AgentContext, AssignmentView, Finish, Gateway, LogAppend};
 use crate::error::GatewayError;
+use crate::metrics::ConnectedAgent;
 use bus::Channel;
+use domain::events::TraceContext;
+use tracing::Instrument;
 
 /// How long a new session may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -118,8 +121,44 @@ fn msg(m: ServerMsg) -> pb::ServerMessage {
     pb::ServerMessage { msg: Some(m) }
 }
 
-pub(crate) fn assignment_message(view: &AssignmentView) -> pb::Assignment {
+/// A trace context from the agent protocol (absent or empty: none).
+pub(crate) fn trace_from_pb(trace: Option<&pb::TraceContext>) -> Option<TraceContext> {
+    let trace = trace?;
+    (!trace.traceparent.is_empty()).then(|| TraceContext {
+        traceparent: trace.traceparent.clone(),
+        tracestate: Some(trace.tracestate.clone()).filter(|s| !s.is_empty()),
+    })
+}
+
+pub(crate) fn trace_to_pb(trace: Option<TraceContext>) -> Option<pb::TraceContext> {
+    trace.map(|trace| pb::TraceContext {
+        traceparent: trace.traceparent,
+        tracestate: trace.tracestate.unwrap_or_default(),
+    })
+}
+
+/// The session's own trace, from the `traceparent`/`tracestate` metadata
+/// the agent sent when it opened the stream.
+fn trace_from_metadata(metadata: &tonic::metadata::MetadataMap) -> Option<TraceContext> {
+    let value = |name: &str| {
+        metadata
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    value("traceparent").map(|traceparent| TraceContext {
+        traceparent,
+        tracestate: value("tracestate").filter(|s| !s.is_empty()),
+    })
+}
+
+/// The assignment as sent to the agent; `trace` is the job's trace context.
+pub(crate) fn assignment_message(
+    view: &AssignmentView,
+    trace: Option<TraceContext>,
+) -> pb::Assignment {
     pb::Assignment {
+        trace: trace_to_pb(trace),
         job_id: view.job_id.to_string(),
         epoch: view.epoch,
         attempt: view.attempt,
@@ -174,16 +213,26 @@ impl AgentGateway for AgentGatewayService {
         request: Request<Inbound>,
     ) -> Result<Response<Self::OpenSessionStream>, Status> {
         let secret = bearer(request.metadata())?;
+        let trace = trace_from_metadata(request.metadata());
         let agent = self.gateway.authenticate(&secret).await?;
         let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
+        let ctx = AgentContext::from_agent(&agent, Uuid::now_v7())?;
+        let span = tracing::info_span!(
+            "session",
+            agent.id = %ctx.id,
+            session.id = %ctx.session_id,
+            gateway.id = %self.gateway.gateway_id,
+            trace_id = tracing::field::Empty
+        );
+        telemetry::adopt_trace(&span, trace.as_ref());
         let session = Session {
             gateway: self.gateway.clone(),
-            ctx: AgentContext::from_agent(&agent, Uuid::now_v7())?,
+            ctx,
             tx,
             offered: HashSet::new(),
             shutdown: self.shutdown.clone(),
         };
-        tokio::spawn(session.run(agent, request.into_inner()));
+        tokio::spawn(session.run(agent, request.into_inner()).instrument(span));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -219,7 +268,9 @@ impl Session {
             }
         };
         tracing::info!(agent.id = %agent_id, session.id = %self.ctx.session_id, gateway.id = %self.gateway.gateway_id, "session open");
+        let connected = ConnectedAgent::new(&self.gateway.metrics.connected_agents);
         let end = self.serve(&mut inbound, &mut events).await;
+        drop(connected);
         match end {
             End::Gone => {}
             End::Status(status) => {
@@ -343,7 +394,10 @@ impl Session {
     async fn deliver(&mut self, view: AssignmentView) -> Result<(), End> {
         if self.offered.insert((view.job_id, view.epoch)) {
             tracing::info!(job.id = %view.job_id, job.epoch = view.epoch, agent.id = %self.ctx.id, "assignment delivered");
-            self.send(ServerMsg::Assignment(assignment_message(&view)))
+            // The current span continues the job's trace when the offer
+            // carried one (a redelivery only has the session's).
+            let trace = telemetry::current_trace_context();
+            self.send(ServerMsg::Assignment(assignment_message(&view, trace)))
                 .await?;
         }
         Ok(())
@@ -455,7 +509,40 @@ impl Session {
         Ok(())
     }
 
+    /// Handles one agent message in a span; a message about a job
+    /// continues that job's trace (sent by the agent on the message).
     async fn handle(&mut self, message: pb::AgentMessage) -> Result<(), End> {
+        let about: Option<(&'static str, &str, u64, Option<&pb::TraceContext>)> = match &message.msg
+        {
+            Some(AgentMsg::AssignmentAck(m)) => Some(("ack", &m.job_id, m.epoch, m.trace.as_ref())),
+            Some(AgentMsg::AssignmentReject(m)) => {
+                Some(("reject", &m.job_id, m.epoch, m.trace.as_ref()))
+            }
+            Some(AgentMsg::LogChunk(m)) => Some(("log", &m.job_id, m.epoch, m.trace.as_ref())),
+            Some(AgentMsg::StatusUpdate(m)) => {
+                Some(("status", &m.job_id, m.epoch, m.trace.as_ref()))
+            }
+            Some(AgentMsg::Result(m)) => Some(("result", &m.job_id, m.epoch, m.trace.as_ref())),
+            Some(AgentMsg::CancelAck(m)) => {
+                Some(("cancel_ack", &m.job_id, m.epoch, m.trace.as_ref()))
+            }
+            _ => None,
+        };
+        let Some((kind, job, epoch, trace)) = about else {
+            return self.handle_message(message).await;
+        };
+        let span = tracing::info_span!(
+            "agent_message",
+            kind,
+            job.id = %job,
+            job.epoch = epoch,
+            trace_id = tracing::field::Empty
+        );
+        telemetry::adopt_trace(&span, trace_from_pb(trace).as_ref());
+        self.handle_message(message).instrument(span).await
+    }
+
+    async fn handle_message(&mut self, message: pb::AgentMessage) -> Result<(), End> {
         let Some(message) = message.msg else {
             return self
                 .refuse(
@@ -623,15 +710,28 @@ impl Session {
                 epoch,
                 ..
             } if agent_id == self.ctx.id => {
-                match self.gateway.assignment(&self.ctx, job_id, epoch).await {
-                    Ok(Some(view)) => self.deliver(view).await,
-                    Ok(None) => Ok(()),
-                    Err(e) => {
-                        // The lease lapses and is requeued if we cannot deliver.
-                        e.log();
-                        Ok(())
+                // Continue the job's trace from the offer, and hand it on
+                // to the agent on the assignment.
+                let span = tracing::info_span!(
+                    "assignment",
+                    job.id = %job_id,
+                    job.epoch = epoch,
+                    trace_id = tracing::field::Empty
+                );
+                telemetry::adopt_trace(&span, envelope.trace.as_ref());
+                async {
+                    match self.gateway.assignment(&self.ctx, job_id, epoch).await {
+                        Ok(Some(view)) => self.deliver(view).await,
+                        Ok(None) => Ok(()),
+                        Err(e) => {
+                            // The lease lapses and is requeued if we cannot deliver.
+                            e.log();
+                            Ok(())
+                        }
                     }
                 }
+                .instrument(span)
+                .await
             }
             Event::CancelRequested {
                 agent_id,

@@ -14,6 +14,7 @@
 //! Errors are problem+json: 401 bad token, 404 unknown job, 409 stale epoch,
 //! 410 cancelled job, 413 oversized chunk, 416 log offset mismatch.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use actix_web::http::StatusCode;
@@ -21,7 +22,7 @@ use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use chrono::{DateTime, Utc};
 use domain::JobId;
 use domain::agent::AgentStatus;
-use domain::events::{Event, LogStream};
+use domain::events::{Event, LogStream, TraceContext};
 use domain::job::JobStatus;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -188,6 +189,12 @@ pub struct AssignmentJson {
     pub lease_expires_at: DateTime<Utc>,
     pub deadline: Option<DateTime<Utc>>,
     pub spec: JobSpecJson,
+    /// The job's W3C trace context: send it back as the `traceparent`
+    /// (and `tracestate`) header of the requests about this job.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
 }
 
 impl From<AssignmentView> for AssignmentJson {
@@ -208,7 +215,30 @@ impl From<AssignmentView> for AssignmentJson {
                 required_labels: view.required_labels,
                 repository_id: view.repository_id,
             },
+            traceparent: None,
+            tracestate: None,
         }
+    }
+}
+
+impl AssignmentJson {
+    /// The assignment with the job's trace context: the offer's when this
+    /// request saw it, continued in a span of its own; else the claim's.
+    fn traced(view: AssignmentView, offered: Option<&TraceContext>) -> Self {
+        let span = tracing::info_span!(
+            "assignment",
+            job.id = %view.job_id,
+            job.epoch = view.epoch,
+            trace_id = tracing::field::Empty
+        );
+        telemetry::adopt_trace(&span, offered);
+        let trace = telemetry::trace_context_of(&span);
+        let mut json = Self::from(view);
+        if let Some(trace) = trace {
+            json.traceparent = Some(trace.traceparent);
+            json.tracestate = trace.tracestate;
+        }
+        json
     }
 }
 
@@ -245,6 +275,8 @@ async fn claim_jobs(
         .open_session(&agent, ctx.session_id, &[], 0, &agent.version)
         .await?;
     let mut claimed = Vec::new();
+    // Trace contexts of the offers seen while waiting, by job.
+    let mut offered: HashMap<JobId, TraceContext> = HashMap::new();
     loop {
         for view in gateway.pending_assignments(&ctx).await? {
             if claimed.len() >= max_jobs {
@@ -254,7 +286,8 @@ async fn claim_jobs(
                 Ok(job) => {
                     let mut view = view;
                     view.lease_expires_at = job.lease_expires_at.unwrap_or(view.lease_expires_at);
-                    claimed.push(AssignmentJson::from(view));
+                    let trace = offered.get(&view.job_id).cloned();
+                    claimed.push(AssignmentJson::traced(view, trace.as_ref()));
                 }
                 Err(e) => e.log(),
             }
@@ -266,6 +299,11 @@ async fn claim_jobs(
             () = tokio::time::sleep_until(deadline) => break,
             event = events.next() => match event {
                 Some(envelope) => match envelope.event {
+                    Event::AssignmentOffered { job_id, .. } => {
+                        if let Some(trace) = envelope.trace {
+                            offered.insert(job_id, trace);
+                        }
+                    }
                     Event::AgentRevoked { agent_id } if agent_id == ctx.id => {
                         tokens::revoke_all(&gateway.bus, ctx.id).await;
                         return Err(GatewayError::Unauthenticated("this agent's credential was revoked"));

@@ -23,6 +23,7 @@ pub mod core;
 pub mod error;
 pub mod grpc;
 pub mod http;
+pub mod metrics;
 pub mod tokens;
 
 use std::net::TcpListener;
@@ -56,6 +57,7 @@ pub async fn run(
         config.gateway_id.clone(),
         config.agents.clone(),
     );
+    gateway.metrics.register(foundation.ops.registry());
     tracing::info!(gateway.id = %config.gateway_id, "gateway starting");
     // Either server failing stops the other.
     let stop = shutdown.child_token();

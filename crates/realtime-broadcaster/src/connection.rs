@@ -31,6 +31,7 @@ use crate::protocol::{
 /// What every connection shares.
 pub struct AppState {
     pub hub: Hub,
+    pub metrics: crate::metrics::Metrics,
     pub verifier: auth::Verifier,
     pub settings: Settings,
     pub shutdown: CancellationToken,
@@ -185,6 +186,7 @@ impl Connection {
         let mut awaiting_pong = false;
         let shutdown = self.state.shutdown.clone();
         let slow = self.slow.clone();
+        let _open = crate::metrics::Held::new(&self.state.metrics.websocket_connections);
         let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
         let expired = tokio::time::sleep_until(expiry.unwrap_or(far));
         tokio::pin!(expired);
@@ -230,6 +232,7 @@ impl Connection {
         }
         if let Outcome::Close(code, reason) = outcome {
             if code == close::SLOW_CONSUMER {
+                self.state.metrics.slow_consumer_closes.inc();
                 tracing::info!(
                     user.id = %self.principal.user_id,
                     "closing a slow consumer"

@@ -28,7 +28,9 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::Metrics;
 use crate::protocol::{ServerMessage, StatusView, Topic};
+use tracing::Instrument;
 
 /// Lines per PostgreSQL page and per backfilled frame.
 pub const PAGE: u32 = 500;
@@ -98,6 +100,7 @@ struct Inner {
     redis: mpsc::UnboundedSender<RedisCommand>,
     runtime: tokio::runtime::Handle,
     check_interval: Duration,
+    metrics: Metrics,
 }
 
 /// Cheap to clone; shared by every connection of the node.
@@ -130,6 +133,7 @@ impl Hub {
         redis_url: &str,
         prefix: &str,
         check_interval: Duration,
+        metrics: Metrics,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
         let client = redis::Client::open(redis_url)?;
@@ -141,6 +145,7 @@ impl Hub {
             redis: tx,
             runtime: tokio::runtime::Handle::current(),
             check_interval,
+            metrics,
         });
         tokio::spawn(redis_reader(client, Arc::downgrade(&inner), rx, shutdown));
         Ok(Self { inner })
@@ -218,7 +223,9 @@ impl Inner {
             db: self.db.clone(),
             channel: name.to_owned(),
             subscribers: Vec::new(),
+            metrics: self.metrics.clone(),
         };
+        self.metrics.feeds.inc();
         match topic {
             Topic::Job(job) => {
                 self.runtime.spawn(
@@ -254,6 +261,7 @@ impl Inner {
         if entry.refs == 0 {
             if let Some(entry) = channels.remove(name) {
                 entry.stop.cancel();
+                self.metrics.feeds.dec();
             }
             let _ = self
                 .redis
@@ -368,14 +376,23 @@ struct Feed {
     db: db::Db,
     channel: String,
     subscribers: Vec<Subscriber>,
+    metrics: Metrics,
 }
 
 impl Feed {
     fn broadcast(&mut self, item: FeedItem) {
+        let lines = match &item {
+            FeedItem::Log { lines, .. } => lines.len() as u64,
+            FeedItem::Status { .. } => 0,
+        };
         let item = Arc::new(item);
+        let delivered = &self.metrics.log_lines_delivered;
         self.subscribers
             .retain(|s| match s.tx.try_send(item.clone()) {
-                Ok(()) => true,
+                Ok(()) => {
+                    delivered.inc_by(lines);
+                    true
+                }
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     s.slow.cancel();
                     false
@@ -388,6 +405,34 @@ impl Feed {
         self.subscribers.push(Subscriber { tx, slow });
         let _ = ack.send(());
     }
+}
+
+/// The span a feed hands one event out in; it continues the event's trace.
+fn fan_out_span(feed: &Feed, envelope: &Envelope) -> tracing::Span {
+    let job = match &envelope.event {
+        Event::LogLinesAppended { job_id, .. }
+        | Event::JobStatusChanged { job_id, .. }
+        | Event::JobCreated { job_id, .. } => Some(job_id.to_string()),
+        _ => None,
+    };
+    let epoch = match &envelope.event {
+        Event::LogLinesAppended { epoch, .. } | Event::JobStatusChanged { epoch, .. } => {
+            Some(*epoch)
+        }
+        _ => None,
+    };
+    let span = tracing::info_span!(
+        "fan_out",
+        channel = %feed.channel,
+        event = envelope.event.kind(),
+        subscribers = feed.subscribers.len(),
+        job.id = job,
+        job.epoch = epoch,
+        request.id = envelope.request_id.as_deref(),
+        trace_id = tracing::field::Empty
+    );
+    telemetry::adopt_trace(&span, envelope.trace.as_ref());
+    span
 }
 
 /// Builds a log frame for `lines` on `channel`.
@@ -479,6 +524,12 @@ impl JobFeed {
             tracing::warn!(channel = %self.feed.channel, "skipping malformed event");
             return;
         };
+        // The fan-out continues the trace of the event (the agent's write).
+        let span = fan_out_span(&self.feed, &envelope);
+        self.on_event(envelope).instrument(span).await;
+    }
+
+    async fn on_event(&mut self, envelope: Envelope) {
         match envelope.event {
             Event::LogLinesAppended { job_id, lines, .. } if job_id == self.job => {
                 self.on_lines(lines).await;
@@ -609,6 +660,7 @@ async fn org_feed(
                 if envelope.org_id != org {
                     continue;
                 }
+                let _span = fan_out_span(&feed, &envelope).entered();
                 let view = match envelope.event {
                     Event::JobStatusChanged {
                         job_id,

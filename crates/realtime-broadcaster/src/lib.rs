@@ -17,6 +17,7 @@
 pub mod connection;
 pub mod dashboard;
 pub mod hub;
+pub mod metrics;
 pub mod protocol;
 
 use std::net::{SocketAddr, TcpListener};
@@ -92,15 +93,18 @@ pub async fn run(
     let foundation = Foundation::new(&config.common, env!("CARGO_PKG_VERSION"))?;
     let verifier = auth::Verifier::new(config.auth.clone())?;
     let hub_stop = CancellationToken::new();
+    let metrics = metrics::Metrics::new(foundation.ops.registry());
     let hub = hub::Hub::start(
         foundation.db.clone(),
         &config.common.redis.url,
         &config.common.redis.prefix,
         config.check_interval,
+        metrics.clone(),
         hub_stop.clone(),
     )?;
     let state = web::Data::new(connection::AppState {
         hub,
+        metrics,
         verifier,
         settings: config.settings,
         shutdown: shutdown.clone(),

@@ -22,6 +22,7 @@ use uuid::Uuid;
 
 use crate::Settings;
 use crate::metrics::Metrics;
+use crate::traces::TraceBook;
 
 /// Most rows one sweep query handles; the rest wait for the next sweep.
 const SWEEP_BATCH: i64 = 500;
@@ -36,6 +37,7 @@ pub struct Engine {
     settings: Settings,
     dispatch: DispatchSettings,
     metrics: Metrics,
+    traces: Arc<TraceBook>,
 }
 
 /// What a tick did, for tests and logs.
@@ -62,6 +64,7 @@ impl Engine {
             settings,
             dispatch,
             metrics: Metrics::new(registry),
+            traces: Arc::new(TraceBook::default()),
         }
     }
 
@@ -71,6 +74,7 @@ impl Engine {
         tokio::spawn(listen_for_wakeups(
             self.bus.clone(),
             wake.clone(),
+            self.traces.clone(),
             shutdown.clone(),
         ));
         let mut next_sweep = Instant::now();
@@ -127,6 +131,7 @@ impl Engine {
     }
 
     async fn dispatch(&self, report: &mut TickReport) -> Result<(), DbError> {
+        use tracing::Instrument;
         let mut conn = self.db.conn().await?;
         for org in db::dispatch::orgs_with_work(&mut conn).await? {
             let granted = db::dispatch::dispatch_org(&mut conn, &org, &self.dispatch).await?;
@@ -144,13 +149,41 @@ impl Engine {
                 }
                 tracing::debug!(job.id = %lease.job_id, job.epoch = lease.epoch, agent.id = %lease.agent_id, "leased");
             }
-            join_all(granted.iter().map(|lease| self.offer(&org, lease))).await;
+            // One span per batch, linked to the wake-ups it answers; each
+            // offer in it continues its own job's trace.
+            let span = tracing::info_span!(
+                "dispatch",
+                org.id = %org,
+                leased = granted.len(),
+                trace_id = tracing::field::Empty
+            );
+            for wakeup in self.traces.take_wakeups() {
+                telemetry::link_trace(&span, &wakeup);
+            }
+            telemetry::record_trace_id(&span);
+            join_all(granted.iter().map(|lease| self.offer(&org, lease)))
+                .instrument(span)
+                .await;
         }
         Ok(())
     }
 
-    /// Tells the agent's gateway about a lease, and watchers about the status.
+    /// Tells the agent's gateway about a lease, and watchers about the
+    /// status, in a span continuing the job's own trace when it is known.
     async fn offer(&self, org: &OrgId, lease: &Granted) {
+        use tracing::Instrument;
+        let span = tracing::info_span!(
+            "offer",
+            job.id = %lease.job_id,
+            job.epoch = lease.epoch,
+            agent.id = %lease.agent_id,
+            trace_id = tracing::field::Empty
+        );
+        telemetry::adopt_trace(&span, self.traces.job(JobId(lease.job_id)).as_ref());
+        self.publish_offer(org, lease).instrument(span).await;
+    }
+
+    async fn publish_offer(&self, org: &OrgId, lease: &Granted) {
         let offer = Envelope::new(
             org.clone(),
             Event::AssignmentOffered {
@@ -384,7 +417,12 @@ fn ignore_race(error: DbError, job: Uuid) -> Result<(), DbError> {
 
 /// Turns `scheduler:wake` messages into notifications, resubscribing after
 /// Redis failures. While Redis is down the sweep interval bounds latency.
-async fn listen_for_wakeups(bus: Bus, wake: Arc<Notify>, shutdown: CancellationToken) {
+async fn listen_for_wakeups(
+    bus: Bus,
+    wake: Arc<Notify>,
+    traces: Arc<TraceBook>,
+    shutdown: CancellationToken,
+) {
     let mut backoff = Duration::from_millis(200);
     loop {
         let subscription = tokio::select! {
@@ -392,7 +430,8 @@ async fn listen_for_wakeups(bus: Bus, wake: Arc<Notify>, shutdown: CancellationT
             subscription = bus.subscribe(&[Channel::SchedulerWake]) => subscription,
         };
         match subscription {
-            Ok(mut events) => {
+            Ok(events) => {
+                let mut events = Box::pin(events);
                 backoff = Duration::from_millis(200);
                 // Catch up on anything published while we were not listening.
                 wake.notify_one();
@@ -400,7 +439,10 @@ async fn listen_for_wakeups(bus: Bus, wake: Arc<Notify>, shutdown: CancellationT
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         event = events.next() => match event {
-                            Some(_) => wake.notify_one(),
+                            Some(envelope) => {
+                                traces.record(&envelope);
+                                wake.notify_one();
+                            }
                             None => break,
                         },
                     }

@@ -14,6 +14,7 @@
 
 mod engine;
 mod metrics;
+mod traces;
 
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;

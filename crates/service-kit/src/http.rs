@@ -37,6 +37,20 @@ fn request_id_of(req: &ServiceRequest) -> String {
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
 }
 
+/// The W3C trace context the client sent, if any.
+fn incoming_trace(req: &ServiceRequest) -> Option<domain::events::TraceContext> {
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    header("traceparent").map(|traceparent| domain::events::TraceContext {
+        traceparent,
+        tracestate: header("tracestate").filter(|s| !s.is_empty()),
+    })
+}
+
 async fn deadline_and_metrics(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
@@ -47,7 +61,10 @@ async fn deadline_and_metrics(
     let method = req.method().as_str().to_owned();
     let request_id = request_id_of(&req);
     req.extensions_mut().insert(RequestId(request_id.clone()));
-    let span = tracing::info_span!("request", request.id = %request_id, http.method = %method, http.path = %req.path());
+    let span = tracing::info_span!("request", request.id = %request_id, trace_id = tracing::field::Empty, http.method = %method, http.path = %req.path());
+    // Continue the caller's trace (W3C `traceparent`/`tracestate`), so a
+    // job's life starts in the client's trace when it sends one.
+    telemetry::adopt_trace(&span, incoming_trace(&req).as_ref());
     let deadline = req.app_data::<RequestDeadline>().copied();
     let ops = req.app_data::<web::Data<Ops>>().cloned();
     let call = next.call(req).instrument(span);

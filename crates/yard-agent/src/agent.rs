@@ -13,10 +13,12 @@ use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use anyhow::Context;
+use domain::events::TraceContext;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
+use tracing::Instrument;
 use yard_proto::v1 as pb;
 use yard_proto::v1::agent_gateway_client::AgentGatewayClient;
 use yard_proto::v1::agent_message::Msg as AgentMsg;
@@ -97,9 +99,20 @@ struct Held {
     cancel_requested: bool,
     result_sent: bool,
     control: mpsc::UnboundedSender<Control>,
+    /// The job's span: it continues the trace the assignment carried and
+    /// lasts until the job is forgotten.
+    span: tracing::Span,
+    /// The trace context the assignment carried.
+    assigned_trace: Option<TraceContext>,
 }
 
 impl Held {
+    /// The trace context to put on messages about this job: the job span's,
+    /// or, when this agent records no spans, the one it was given.
+    fn trace(&self) -> Option<pb::TraceContext> {
+        trace_to_pb(telemetry::trace_context_of(&self.span).or_else(|| self.assigned_trace.clone()))
+    }
+
     fn running(&self, job_id: &str) -> pb::RunningJob {
         pb::RunningJob {
             job_id: job_id.to_owned(),
@@ -246,6 +259,20 @@ impl Agent {
         events: &mut mpsc::UnboundedReceiver<JobEvent>,
         drain: &CancellationToken,
     ) -> (SessionEnd, bool) {
+        let span = tracing::info_span!("session", gateway = %url, trace_id = tracing::field::Empty);
+        telemetry::record_trace_id(&span);
+        self.session_in(url, events, drain, &span)
+            .instrument(span.clone())
+            .await
+    }
+
+    async fn session_in(
+        &mut self,
+        url: &str,
+        events: &mut mpsc::UnboundedReceiver<JobEvent>,
+        drain: &CancellationToken,
+        span: &tracing::Span,
+    ) -> (SessionEnd, bool) {
         let channel = match connect(url).await {
             Ok(channel) => channel,
             Err(e) => return (SessionEnd::Lost(e), false),
@@ -270,6 +297,16 @@ impl Agent {
                     SessionEnd::Refused("the agent secret is not valid metadata".into()),
                     false,
                 );
+            }
+        }
+        // The session's own trace, once per stream; each job's trace comes
+        // on its assignment instead.
+        if let Some(trace) = telemetry::trace_context_of(span) {
+            if let Ok(value) = trace.traceparent.parse() {
+                request.metadata_mut().insert("traceparent", value);
+            }
+            if let Some(Ok(value)) = trace.tracestate.map(|s| s.parse()) {
+                request.metadata_mut().insert("tracestate", value);
             }
         }
         let mut inbound = match client.open_session(request).await {
@@ -403,7 +440,7 @@ impl Agent {
                     if let Some((stream, offset, data)) = chunk.take() {
                         job.in_flight
                             .push_back((offset, offset + data.len() as u64));
-                        outgoing.push(log_chunk(job_id, job.epoch, stream, offset, data));
+                        outgoing.push(log_chunk(job_id, job, stream, offset, data));
                     }
                     chunk = Some((line.stream, start, Vec::new()));
                 }
@@ -415,7 +452,7 @@ impl Agent {
             if let Some((stream, offset, data)) = chunk.take() {
                 job.in_flight
                     .push_back((offset, offset + data.len() as u64));
-                outgoing.push(log_chunk(job_id, job.epoch, stream, offset, data));
+                outgoing.push(log_chunk(job_id, job, stream, offset, data));
             }
             if let Some(exit) = &job.exit
                 && !job.result_sent
@@ -427,6 +464,7 @@ impl Agent {
                     job.epoch,
                     exit,
                     job.cancel_requested,
+                    job.trace(),
                 ));
             }
         }
@@ -522,16 +560,14 @@ impl Agent {
     ) {
         let job_id = assignment.job_id.clone();
         let epoch = assignment.epoch;
-        if self
-            .jobs
-            .get(&job_id)
-            .is_some_and(|held| held.epoch == epoch)
-        {
+        let assigned_trace = trace_from_pb(assignment.trace.as_ref());
+        if let Some(held) = self.jobs.get(&job_id).filter(|held| held.epoch == epoch) {
             // Delivered again (after a reconnect): acknowledge again.
             let _ = tx
                 .send(agent_msg(AgentMsg::AssignmentAck(pb::AssignmentAck {
                     job_id,
                     epoch,
+                    trace: held.trace(),
                 })))
                 .await;
             return;
@@ -550,6 +586,7 @@ impl Agent {
                         job_id,
                         epoch,
                         reason: reason.to_owned(),
+                        trace: trace_to_pb(assigned_trace),
                     },
                 )))
                 .await;
@@ -565,32 +602,47 @@ impl Agent {
             metadata_json: spec.metadata_json,
         };
         let (control_tx, control_rx) = mpsc::unbounded_channel();
-        self.jobs.insert(
-            job_id.clone(),
-            Held {
-                epoch,
-                lines: VecDeque::new(),
-                produced: 0,
-                sent: 0,
-                committed: 0,
-                in_flight: VecDeque::new(),
-                exit: None,
-                cancel_requested: false,
-                result_sent: false,
-                control: control_tx,
-            },
+        // The job's span continues the job's trace (not the session's), so
+        // its run, logs and result join the trace that created the job.
+        let span = tracing::info_span!(
+            "job",
+            job.id = %job_id,
+            job.epoch = epoch,
+            attempt = assignment.attempt,
+            trace_id = tracing::field::Empty
         );
+        telemetry::adopt_trace(&span, assigned_trace.as_ref());
+        let held = Held {
+            epoch,
+            lines: VecDeque::new(),
+            produced: 0,
+            sent: 0,
+            committed: 0,
+            in_flight: VecDeque::new(),
+            exit: None,
+            cancel_requested: false,
+            result_sent: false,
+            control: control_tx,
+            span: span.clone(),
+            assigned_trace,
+        };
+        let trace = held.trace();
+        self.jobs.insert(job_id.clone(), held);
         let _ = tx
             .send(agent_msg(AgentMsg::AssignmentAck(pb::AssignmentAck {
                 job_id: job_id.clone(),
                 epoch,
+                trace,
             })))
             .await;
-        tracing::info!(job.id = %job_id, job.epoch = epoch, attempt = assignment.attempt, "job started");
+        span.in_scope(|| {
+            tracing::info!(job.id = %job_id, job.epoch = epoch, attempt = assignment.attempt, "job started");
+        });
         tokio::spawn(
             self.runner
                 .clone()
-                .run(job, self.events_tx.clone(), control_rx),
+                .run(job, self.events_tx.clone(), control_rx)
+                .instrument(span),
         );
     }
 }
@@ -599,9 +651,24 @@ fn agent_msg(msg: AgentMsg) -> pb::AgentMessage {
     pb::AgentMessage { msg: Some(msg) }
 }
 
+fn trace_from_pb(trace: Option<&pb::TraceContext>) -> Option<TraceContext> {
+    let trace = trace?;
+    (!trace.traceparent.is_empty()).then(|| TraceContext {
+        traceparent: trace.traceparent.clone(),
+        tracestate: Some(trace.tracestate.clone()).filter(|s| !s.is_empty()),
+    })
+}
+
+fn trace_to_pb(trace: Option<TraceContext>) -> Option<pb::TraceContext> {
+    trace.map(|trace| pb::TraceContext {
+        traceparent: trace.traceparent,
+        tracestate: trace.tracestate.unwrap_or_default(),
+    })
+}
+
 fn log_chunk(
     job_id: &str,
-    epoch: u64,
+    job: &Held,
     stream: Stream,
     offset: u64,
     data: Vec<u8>,
@@ -613,18 +680,26 @@ fn log_chunk(
     };
     agent_msg(AgentMsg::LogChunk(pb::LogChunk {
         job_id: job_id.to_owned(),
-        epoch,
+        epoch: job.epoch,
         stream: stream as i32,
         offset,
         data,
+        trace: job.trace(),
     }))
 }
 
-fn result_message(job_id: &str, epoch: u64, exit: &Exit, cancelled: bool) -> pb::AgentMessage {
+fn result_message(
+    job_id: &str,
+    epoch: u64,
+    exit: &Exit,
+    cancelled: bool,
+    trace: Option<pb::TraceContext>,
+) -> pb::AgentMessage {
     if cancelled {
         return agent_msg(AgentMsg::CancelAck(pb::CancelAck {
             job_id: job_id.to_owned(),
             epoch,
+            trace,
         }));
     }
     let (outcome, error_kind, message) = if exit.success() {
@@ -649,5 +724,6 @@ fn result_message(job_id: &str, epoch: u64, exit: &Exit, cancelled: bool) -> pb:
         exit_code: exit.code,
         error_kind,
         message,
+        trace,
     }))
 }

@@ -11,6 +11,8 @@
 //! | `--work-dir` | `SWITCHYARD_WORK_DIR` | `./yard-work` (one directory per job inside) |
 //! | `--executor` | `SWITCHYARD_EXECUTOR` | none; command template for prompts, e.g. `claude -p "$(cat {prompt_file})"` |
 //! | `--shell` | `SWITCHYARD_SHELL` | `/bin/sh` |
+//! | `--log-format` | `LOG_FORMAT` | `compact` (or `json`) |
+//! | `--otlp-endpoint` | `OTEL_EXPORTER_OTLP_ENDPOINT` | none: spans are not exported |
 //!
 //! The executor template may use `{prompt_file}`, `{prompt}`, `{job_id}`
 //! and `{work_dir}`; each is replaced by its shell-quoted value.
@@ -58,6 +60,13 @@ pub struct AgentConfig {
     /// Shell that runs commands (`<shell> -c <command>`).
     #[arg(long, env = "SWITCHYARD_SHELL", default_value = "/bin/sh")]
     pub shell: String,
+    /// Log line format: `compact` or `json`.
+    #[arg(long, env = "LOG_FORMAT", default_value = "compact")]
+    pub log_format: String,
+    /// OTLP/gRPC endpoint to export job spans to (each job's span joins the
+    /// trace the gateway sent with its assignment).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 impl AgentConfig {

@@ -5,9 +5,10 @@ use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     let config = yard_agent::AgentConfig::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    let Some(log_format) = telemetry::LogFormat::parse(&config.log_format) else {
+        eprintln!("error: LOG_FORMAT must be `json` or `compact`");
+        return ExitCode::from(2);
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -19,6 +20,19 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        // Inside the runtime: the OTLP exporter needs it.
+        let _telemetry = match telemetry::init(&telemetry::TelemetryConfig {
+            service_name: "yard-agent",
+            log_format,
+            filter: std::env::var("RUST_LOG").ok().filter(|f| !f.is_empty()),
+            otlp_endpoint: config.otlp_endpoint.clone().filter(|e| !e.is_empty()),
+        }) {
+            Ok(guard) => guard,
+            Err(error) => {
+                eprintln!("error: {error}");
+                return ExitCode::from(2);
+            }
+        };
         let drain = CancellationToken::new();
         tokio::spawn(drain_on_signal(drain.clone()));
         match yard_agent::run(config, drain).await {

@@ -185,6 +185,7 @@ async fn an_agent_switching_from_the_stream_to_http_mid_job_keeps_its_lease() {
         .send(AgentMsg::AssignmentAck(pb::AssignmentAck {
             job_id: job.to_string(),
             epoch,
+            trace: None,
         }))
         .await;
     session.send(chunk(job, epoch, 0, "over grpc\n")).await;

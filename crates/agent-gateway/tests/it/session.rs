@@ -41,6 +41,7 @@ async fn register_session_assignment_logs_result_job_succeeds() {
         .send(AgentMsg::AssignmentAck(pb::AssignmentAck {
             job_id: job.to_string(),
             epoch,
+            trace: None,
         }))
         .await;
     let update = session
@@ -150,6 +151,7 @@ async fn a_write_with_a_stale_epoch_is_answered_stale_and_changes_nothing() {
         AgentMsg::AssignmentAck(pb::AssignmentAck {
             job_id: job.to_string(),
             epoch: old,
+            trace: None,
         }),
         chunk(job, old, 0, "ghost\n"),
         result(job, old, 0),
@@ -176,6 +178,7 @@ async fn a_write_with_a_stale_epoch_is_answered_stale_and_changes_nothing() {
         .send(AgentMsg::AssignmentAck(pb::AssignmentAck {
             job_id: job.to_string(),
             epoch: current,
+            trace: None,
         }))
         .await;
     session
@@ -210,6 +213,7 @@ async fn bad_input_is_refused_with_a_clear_code_and_the_session_stays_up() {
         .send(AgentMsg::AssignmentAck(pb::AssignmentAck {
             job_id: "not-a-uuid".into(),
             epoch: 1,
+            trace: None,
         }))
         .await;
     let ServerMsg::Error(error) = session.next().await else {
@@ -249,6 +253,7 @@ async fn bad_input_is_refused_with_a_clear_code_and_the_session_stays_up() {
         .send(AgentMsg::CancelAck(pb::CancelAck {
             job_id: job.to_string(),
             epoch,
+            trace: None,
         }))
         .await;
     let ServerMsg::Error(error) = session.next().await else {
@@ -261,6 +266,7 @@ async fn bad_input_is_refused_with_a_clear_code_and_the_session_stays_up() {
         .send(AgentMsg::AssignmentAck(pb::AssignmentAck {
             job_id: job.to_string(),
             epoch,
+            trace: None,
         }))
         .await;
     session
@@ -366,6 +372,7 @@ async fn cancel_and_drain_are_pushed_to_the_session() {
         .send(AgentMsg::AssignmentAck(pb::AssignmentAck {
             job_id: job.to_string(),
             epoch,
+            trace: None,
         }))
         .await;
     eventually("running", || async {
@@ -426,6 +433,7 @@ async fn cancel_and_drain_are_pushed_to_the_session() {
         .send(AgentMsg::CancelAck(pb::CancelAck {
             job_id: job.to_string(),
             epoch,
+            trace: None,
         }))
         .await;
     let ack = session
@@ -470,6 +478,7 @@ async fn an_agent_resumes_on_another_gateway_with_the_same_epoch() {
         .send(AgentMsg::AssignmentAck(pb::AssignmentAck {
             job_id: job.to_string(),
             epoch,
+            trace: None,
         }))
         .await;
     session.send(chunk(job, epoch, 0, "before\n")).await;

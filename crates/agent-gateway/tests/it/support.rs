@@ -386,6 +386,7 @@ pub fn chunk(job: JobId, epoch: u64, offset: u64, data: &str) -> AgentMsg {
         stream: pb::LogStream::Stdout as i32,
         offset,
         data: data.as_bytes().to_vec(),
+        trace: None,
     })
 }
 
@@ -405,6 +406,7 @@ pub fn result(job: JobId, epoch: u64, exit_code: i32) -> AgentMsg {
             "exit_code".into()
         },
         message: String::new(),
+        trace: None,
     })
 }
 

@@ -162,7 +162,10 @@ async fn create(
     Ok((created.jobs, created.replayed))
 }
 
-/// After commit: wake the scheduler once, and tell org watchers.
+/// After commit: tell org watchers and the scheduler. The scheduler gets
+/// each job's creation too (not only one wake-up), because the envelope
+/// carries the request's trace context: that is how the job's dispatch,
+/// run and logs join the trace of the request that created it.
 async fn announce_created(
     state: &AppState,
     org: &OrgId,
@@ -176,7 +179,10 @@ async fn announce_created(
             status: job.status(),
         };
         state
-            .publish(Channel::Org(org.clone()), org, event, request_id)
+            .publish(Channel::Org(org.clone()), org, event.clone(), request_id)
+            .await;
+        state
+            .publish(Channel::SchedulerWake, org, event, request_id)
             .await;
     }
     if let Some(first) = jobs.first() {
