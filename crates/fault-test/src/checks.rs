@@ -395,3 +395,149 @@ pub fn run_all(
     ));
     checks
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LINES: usize = 3;
+
+    /// One normal job that ran twice: epoch 1 lost after one line, epoch 2
+    /// succeeded with all three; and a watcher that saw all four lines.
+    fn clean() -> (Snapshot, HashMap<Uuid, Kind>, Vec<Watched>, Uuid) {
+        let id = Uuid::new_v4();
+        let stored = [
+            (1, 1, "line 1"),
+            (2, 2, "line 1"),
+            (3, 2, "line 2"),
+            (4, 2, "line 3"),
+        ];
+        let logs: Vec<StoredLine> = stored
+            .iter()
+            .map(|(seq, epoch, line)| StoredLine {
+                seq: *seq,
+                epoch: *epoch,
+                stream: "stdout".into(),
+                line: (*line).into(),
+            })
+            .collect();
+        let watched = Watched {
+            job: id,
+            lines: logs
+                .iter()
+                .map(|l| SeenLine {
+                    seq: l.seq,
+                    stream: l.stream.clone(),
+                    line: l.line.clone(),
+                })
+                .collect(),
+            terminal: Some("succeeded".into()),
+            ..Watched::default()
+        };
+        let snap = Snapshot {
+            jobs: HashMap::from([(
+                id,
+                JobRow {
+                    status: "succeeded".into(),
+                    epoch: 2,
+                },
+            )]),
+            attempts: HashMap::from([(
+                id,
+                BTreeMap::from([(1, "lost".to_owned()), (2, "succeeded".to_owned())]),
+            )]),
+            logs: HashMap::from([(id, logs)]),
+        };
+        (snap, HashMap::from([(id, Kind::Normal)]), vec![watched], id)
+    }
+
+    fn failing(snap: &Snapshot, kinds: &HashMap<Uuid, Kind>, watched: &[Watched]) -> Vec<String> {
+        run_all(snap, kinds, LINES, watched, None)
+            .into_iter()
+            .filter(|c| !c.pass && !c.name.contains("stale write"))
+            .map(|c| c.name)
+            .collect()
+    }
+
+    #[test]
+    fn a_clean_run_passes() {
+        let (snap, kinds, watched, _) = clean();
+        assert_eq!(failing(&snap, &kinds, &watched), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_second_success_fails() {
+        let (mut snap, kinds, watched, id) = clean();
+        snap.attempts
+            .get_mut(&id)
+            .unwrap()
+            .insert(1, "succeeded".into());
+        assert_eq!(
+            failing(&snap, &kinds, &watched),
+            ["no job completed twice; each success is the current epoch's"]
+        );
+    }
+
+    #[test]
+    fn a_stale_line_after_a_newer_epoch_fails() {
+        let (mut snap, kinds, watched, id) = clean();
+        let logs = snap.logs.get_mut(&id).unwrap();
+        logs.push(StoredLine {
+            seq: 5,
+            epoch: 1,
+            stream: "stdout".into(),
+            line: "line 2".into(),
+        });
+        assert!(
+            failing(&snap, &kinds, &watched)
+                .contains(&"log lines fenced by epoch, none stored twice".to_owned())
+        );
+    }
+
+    #[test]
+    fn a_line_stored_twice_in_one_attempt_fails() {
+        let (mut snap, kinds, _, id) = clean();
+        let logs = snap.logs.get_mut(&id).unwrap();
+        logs.push(StoredLine {
+            seq: 5,
+            epoch: 2,
+            stream: "stdout".into(),
+            line: "line 3".into(),
+        });
+        assert!(
+            failing(&snap, &kinds, &[])
+                .contains(&"log lines fenced by epoch, none stored twice".to_owned())
+        );
+    }
+
+    #[test]
+    fn a_watcher_missing_or_repeating_a_line_fails() {
+        let (snap, kinds, mut watched, _) = clean();
+        watched[0].lines.remove(1);
+        assert_eq!(
+            failing(&snap, &kinds, &watched),
+            ["watchers saw every line once, in order, then the terminal status"]
+        );
+        let (snap, kinds, mut watched, _) = clean();
+        let again = watched[0].lines[3].clone();
+        watched[0].lines.push(again);
+        assert_eq!(
+            failing(&snap, &kinds, &watched),
+            ["watchers saw every line once, in order, then the terminal status"]
+        );
+    }
+
+    #[test]
+    fn an_unfinished_job_fails() {
+        let (mut snap, kinds, mut watched, id) = clean();
+        snap.jobs.get_mut(&id).unwrap().status = "running".into();
+        watched[0].terminal = None;
+        let failed = failing(&snap, &kinds, &watched);
+        assert!(failed.contains(&"every job reached a terminal state".to_owned()));
+        assert!(
+            failed.contains(
+                &"no job completed twice; each success is the current epoch's".to_owned()
+            )
+        );
+    }
+}
