@@ -6,6 +6,8 @@
 //! (`REDIS_KEY_PREFIX`), so several deployments, or parallel tests, can
 //! share one Redis.
 
+pub mod metrics;
+
 use std::time::Duration;
 
 use domain::events::Envelope;
@@ -131,8 +133,11 @@ impl Bus {
     /// Publishes an already serialized payload (serialize once, publish to
     /// several channels).
     pub async fn publish_raw(&self, channel: &Channel, payload: String) -> BusResult<usize> {
-        let mut conn = self.conn.clone();
-        Ok(conn.publish(self.channel_name(channel), payload).await?)
+        metrics::observe_publish(channel, async {
+            let mut conn = self.conn.clone();
+            Ok(conn.publish(self.channel_name(channel), payload).await?)
+        })
+        .await
     }
 
     /// Publishes, logging instead of failing: for the after-commit
@@ -179,9 +184,10 @@ impl Bus {
         for channel in channels {
             pubsub.subscribe(self.channel_name(channel)).await?;
         }
-        Ok(pubsub
+        let events = pubsub
             .into_on_message()
-            .filter_map(|message| futures_util::future::ready(parse(&message))))
+            .filter_map(|message| futures_util::future::ready(parse(&message)));
+        Ok(metrics::Counted::new(events, channels.len()))
     }
 }
 

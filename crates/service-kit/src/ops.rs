@@ -114,6 +114,7 @@ impl Ops {
         .expect("valid metric");
         let _ = registry.register(Box::new(requests.clone()));
         let _ = registry.register(Box::new(duration.clone()));
+        bus::metrics::register(&registry);
         Self {
             service,
             version,
@@ -195,6 +196,31 @@ impl Ops {
             .route("/version", web::get().to(version))
             .route("/metrics", web::get().to(metrics));
     }
+}
+
+/// The value of one series in Prometheus text output: `series` is the
+/// metric name with its labels exactly as rendered (for example
+/// `switchyard_http_requests_total{method="GET",route="/healthz",status="200"}`),
+/// or the bare name of an unlabelled metric. For tests and checks.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok())?
+        })
+}
+
+/// The sum of every series of `metric` (all label values), for tests.
+pub fn sum(text: &str, metric: &str) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            let bare = name.split('{').next()?;
+            (bare == metric).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
 }
 
 async fn healthz() -> HttpResponse {

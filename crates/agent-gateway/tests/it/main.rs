@@ -2,6 +2,7 @@
 //! against real PostgreSQL and Redis.
 
 mod http_pull;
+mod metrics;
 mod ops;
 mod session;
 mod support;

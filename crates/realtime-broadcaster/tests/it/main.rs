@@ -6,6 +6,7 @@ mod auth;
 mod browser;
 mod fanout;
 mod keepalive;
+mod metrics;
 mod ops;
 mod slow;
 mod streaming;

@@ -62,6 +62,20 @@ async fn a_slow_consumer_is_closed_with_4008_and_others_are_unaffected() {
         }
     };
     assert_eq!(code, Some(4008), "slow consumer close code");
+    let metrics = reqwest::get(format!("{}/metrics", service.url()))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("body");
+    assert_eq!(
+        service_kit::ops::sample(
+            &metrics,
+            "switchyard_broadcaster_slow_consumer_closes_total"
+        ),
+        Some(1.0),
+        "the close is counted"
+    );
     assert!(
         (seen.len() as i64) < writer.last_seq,
         "the slow client was cut off before the end"

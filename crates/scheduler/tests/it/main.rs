@@ -3,5 +3,6 @@
 
 mod crash;
 mod harness;
+mod metrics;
 mod ops;
 mod scheduling;
