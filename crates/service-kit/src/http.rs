@@ -37,6 +37,11 @@ fn request_id_of(req: &ServiceRequest) -> String {
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
 }
 
+/// Probes and scrapes: logged at debug, not to drown the access log.
+fn is_ops_path(path: &str) -> bool {
+    matches!(path, "/healthz" | "/readyz" | "/metrics" | "/version")
+}
+
 /// The W3C trace context the client sent, if any.
 fn incoming_trace(req: &ServiceRequest) -> Option<domain::events::TraceContext> {
     let header = |name: &str| {
@@ -67,7 +72,8 @@ async fn deadline_and_metrics(
     telemetry::adopt_trace(&span, incoming_trace(&req).as_ref());
     let deadline = req.app_data::<RequestDeadline>().copied();
     let ops = req.app_data::<web::Data<Ops>>().cloned();
-    let call = next.call(req).instrument(span);
+    let path_is_ops = is_ops_path(req.path());
+    let call = next.call(req).instrument(span.clone());
     let response = match deadline {
         Some(RequestDeadline(limit)) => match tokio::time::timeout(limit, call).await {
             Ok(result) => result?.map_into_boxed_body(),
@@ -103,6 +109,16 @@ async fn deadline_and_metrics(
             value,
         );
     }
+    // The access log line, inside the request span (request id, trace id).
+    let status = response.status().as_u16();
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    span.in_scope(|| {
+        if path_is_ops {
+            tracing::debug!(http.status = status, elapsed_ms, "request served");
+        } else {
+            tracing::info!(http.status = status, elapsed_ms, "request served");
+        }
+    });
     if let Some(ops) = ops {
         let route = response
             .request()

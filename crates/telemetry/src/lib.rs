@@ -63,6 +63,15 @@ const DEFAULT_FILTER: &str = "info,h2=warn,hyper=warn,tower=warn,tonic=warn,acti
 
 /// Installs the global subscriber. Call once, at start-up, from `main`.
 pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard, String> {
+    init_with_writer(config, std::io::stdout)
+}
+
+/// [`init`], writing log lines to `writer` instead of stdout (tests read
+/// what would be logged).
+pub fn init_with_writer<W>(config: &TelemetryConfig, writer: W) -> Result<TelemetryGuard, String>
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let filter = EnvFilter::try_new(config.filter.as_deref().unwrap_or(DEFAULT_FILTER))
         .map_err(|e| format!("RUST_LOG: {e}"))?;
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
@@ -94,6 +103,7 @@ pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard, String> {
         LogFormat::Json => registry
             .with(
                 tracing_subscriber::fmt::layer()
+                    .with_writer(writer)
                     .json()
                     .flatten_event(true)
                     // Every enclosing span's fields (request id, trace id,
@@ -103,7 +113,11 @@ pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard, String> {
             )
             .try_init(),
         LogFormat::Compact => registry
-            .with(tracing_subscriber::fmt::layer().compact())
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(writer)
+                    .compact(),
+            )
             .try_init(),
     };
     result.map_err(|e| e.to_string())?;
