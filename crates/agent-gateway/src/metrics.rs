@@ -3,6 +3,10 @@
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
+/// The agent writes fenced by the lease epoch (`kind` label values).
+pub const STALE_WRITE_KINDS: [&str; 6] =
+    ["ack", "heartbeat", "log", "result", "cancel_ack", "release"];
+
 #[derive(Clone)]
 pub struct GatewayMetrics {
     /// Agents holding a gRPC session on this replica.
@@ -39,6 +43,10 @@ impl GatewayMetrics {
     }
 
     pub fn register(&self, registry: &Registry) {
+        // Every kind is exported from the start (at zero).
+        for kind in STALE_WRITE_KINDS {
+            self.stale_writes.with_label_values(&[kind]);
+        }
         let _ = registry.register(Box::new(self.connected_agents.clone()));
         let _ = registry.register(Box::new(self.stale_writes.clone()));
         let _ = registry.register(Box::new(self.log_lines_received.clone()));

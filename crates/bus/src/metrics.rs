@@ -54,6 +54,13 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
 /// Adds the Redis metrics to `registry`.
 pub fn register(registry: &Registry) {
     let metrics = &*METRICS;
+    // Every channel kind is exported from the start (at zero), so rates
+    // and dashboards see the series before the first publish.
+    for kind in ["scheduler_wake", "job", "org", "agent"] {
+        metrics.published.with_label_values(&[kind]);
+        metrics.failed.with_label_values(&[kind]);
+        metrics.duration.with_label_values(&[kind]);
+    }
     let _ = registry.register(Box::new(metrics.published.clone()));
     let _ = registry.register(Box::new(metrics.failed.clone()));
     let _ = registry.register(Box::new(metrics.duration.clone()));

@@ -66,6 +66,15 @@ impl Metrics {
         ] {
             let _ = registry.register(collector);
         }
+        // Every kind is exported from the start (at zero).
+        for kind in [
+            "run_timeout",
+            "deadline",
+            "schedule_to_start",
+            "cancel_forced",
+        ] {
+            metrics.timeouts.with_label_values(&[kind]);
+        }
         metrics
     }
 }
