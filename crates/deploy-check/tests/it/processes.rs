@@ -8,6 +8,10 @@
 //! replicas and parallel tests do not collide; hosts stay `0.0.0.0`). For
 //! DATABASE_URL the user, password and database name go with the host,
 //! since the compose ones exist only in compose's PostgreSQL.
+//!
+//! Then compose's `bootstrap` and `demo-agent` run their shell scripts the
+//! same way, and the agent must register and come online through the
+//! gateways.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -21,7 +25,10 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use test_support::RedisServer;
 
 use crate::files::{compose, is_one_shot, switchyard_services};
-use crate::support::{EmptyDatabase, Process, built_binaries, free_port};
+use crate::support::{EmptyDatabase, Process, binaries_dir, built_binaries, free_port};
+
+/// The image's home directory, where compose mounts the agent's volumes.
+const IMAGE_HOME: &str = "/var/lib/switchyard";
 
 /// Compose `host:port` → the local `host:port` standing in for it.
 struct Rewrites {
@@ -112,6 +119,24 @@ async fn applied_migrations(url: &str) -> i64 {
     count.n
 }
 
+async fn online_agents(url: &str, name: &str) -> i64 {
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let mut conn = AsyncPgConnection::establish(url)
+        .await
+        .expect("connect to the test database");
+    let count: Count =
+        sql_query("SELECT count(*) AS n FROM agents WHERE name = $1 AND status = 'online'")
+            .bind::<diesel::sql_types::Text, _>(name)
+            .get_result(&mut conn)
+            .await
+            .expect("count online agents");
+    count.n
+}
+
 fn failure(process: &Process, problem: &str) -> String {
     let log = process.log_text();
     let tail: Vec<&str> = log.lines().rev().take(30).collect();
@@ -125,12 +150,13 @@ fn failure(process: &Process, problem: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_compose_service_serves_with_its_compose_environment_and_stops_on_sigterm() {
     let started = Instant::now();
-    let programs = Program::SERVICES;
+    let programs = Program::ALL;
     let binaries: BTreeMap<Program, PathBuf> = programs
         .into_iter()
         .zip(built_binaries(&programs))
         .collect();
 
+    eprintln!("deploy-check: binaries ready after {:?}", started.elapsed());
     let compose = compose();
     let database = EmptyDatabase::create().await;
     let redis = RedisServer::start();
@@ -220,6 +246,7 @@ async fn every_compose_service_serves_with_its_compose_environment_and_stops_on_
         "`job-api migrate` applied every migration to the empty database"
     );
 
+    eprintln!("deploy-check: migrated after {:?}", started.elapsed());
     let mut running = Vec::new();
     for plan in &planned {
         let env = resolve(&plan.env);
@@ -255,6 +282,72 @@ async fn every_compose_service_serves_with_its_compose_environment_and_stops_on_
         }
     }
 
+    eprintln!("deploy-check: all ready after {:?}", started.elapsed());
+
+    // The demo agent, registered the way compose does it: `bootstrap` asks
+    // job-api for a registration token and leaves it in the shared volume,
+    // then `demo-agent` registers with it and connects to the gateways.
+    // Container paths under the image's home become a directory of this
+    // test's, and PATH is the image's (its binaries are in /usr/local/bin).
+    let home = log_dir.join("home");
+    std::fs::create_dir_all(home.join("shared")).expect("shared volume");
+    let localize = |text: &str| {
+        rewrites
+            .rewrite("", text)
+            .replace(IMAGE_HOME, &home.to_string_lossy())
+    };
+    let image_path = format!("{}:/usr/local/bin:/usr/bin:/bin", binaries_dir().display());
+    let shell_service = |name: &str| -> Process {
+        let service = &compose.services[name];
+        let mut env: Env = resolve(&service.environment)
+            .into_iter()
+            .map(|(k, v)| (k, localize(&v)))
+            .collect();
+        env.insert("PATH".to_owned(), image_path.clone());
+        let command: Vec<String> = service.command.iter().map(|part| localize(part)).collect();
+        assert_eq!(command[0], "sh", "{name} runs a shell script");
+        Process::spawn(
+            name,
+            std::path::Path::new("sh"),
+            &command[1..],
+            &env,
+            &log_dir,
+        )
+    };
+    let mut bootstrap = shell_service("bootstrap");
+    let status = bootstrap.wait(Duration::from_secs(30)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{}",
+        failure(&bootstrap, &format!("exited {status:?}"))
+    );
+    let mut agent = shell_service("demo-agent");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while online_agents(database.url(), "demo-agent").await == 0 {
+        if let Some(status) = agent.exited() {
+            panic!(
+                "{}",
+                failure(&agent, &format!("exited {status} before it was online"))
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            failure(&agent, "never came online")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "deploy-check: demo agent online after {:?}",
+        started.elapsed()
+    );
+    agent.terminate();
+    let status = agent.wait(Duration::from_secs(30)).await;
+    assert!(
+        status.is_some_and(|s| s.code() == Some(0)),
+        "{}",
+        failure(&agent, &format!("after SIGTERM: {status:?}"))
+    );
     for (process, _) in &running {
         process.terminate();
     }

@@ -15,7 +15,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 
 /// The directory holding the test executable's sibling binaries
 /// (`<target>/debug`): the test executable is `<target>/debug/deps/it-…`.
-fn binaries_dir() -> PathBuf {
+pub fn binaries_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     exe.parent()
         .and_then(Path::parent)
