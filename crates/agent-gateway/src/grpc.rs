@@ -383,7 +383,7 @@ impl Session {
         match self.gateway.pending_assignments(&self.ctx).await {
             Ok(pending) => {
                 for view in pending {
-                    self.deliver(view).await?;
+                    self.deliver(view, None).await?;
                 }
             }
             Err(e) => e.log(),
@@ -391,12 +391,18 @@ impl Session {
         Ok(())
     }
 
-    async fn deliver(&mut self, view: AssignmentView) -> Result<(), End> {
+    /// Sends an assignment once per session. `offered` is the trace the
+    /// offer carried, passed on as is when no span is being recorded.
+    async fn deliver(
+        &mut self,
+        view: AssignmentView,
+        offered: Option<&TraceContext>,
+    ) -> Result<(), End> {
         if self.offered.insert((view.job_id, view.epoch)) {
             tracing::info!(job.id = %view.job_id, job.epoch = view.epoch, agent.id = %self.ctx.id, "assignment delivered");
             // The current span continues the job's trace when the offer
             // carried one (a redelivery only has the session's).
-            let trace = telemetry::current_trace_context();
+            let trace = telemetry::current_trace_context().or_else(|| offered.cloned());
             self.send(ServerMsg::Assignment(assignment_message(&view, trace)))
                 .await?;
         }
@@ -718,10 +724,11 @@ impl Session {
                     job.epoch = epoch,
                     trace_id = tracing::field::Empty
                 );
-                telemetry::adopt_trace(&span, envelope.trace.as_ref());
+                let offered = envelope.trace;
+                telemetry::adopt_trace(&span, offered.as_ref());
                 async {
                     match self.gateway.assignment(&self.ctx, job_id, epoch).await {
-                        Ok(Some(view)) => self.deliver(view).await,
+                        Ok(Some(view)) => self.deliver(view, offered.as_ref()).await,
                         Ok(None) => Ok(()),
                         Err(e) => {
                             // The lease lapses and is requeued if we cannot deliver.

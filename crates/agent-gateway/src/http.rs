@@ -232,7 +232,8 @@ impl AssignmentJson {
             trace_id = tracing::field::Empty
         );
         telemetry::adopt_trace(&span, offered);
-        let trace = telemetry::trace_context_of(&span);
+        // Without a recording tracer, pass the offer's context on as is.
+        let trace = telemetry::trace_context_of(&span).or_else(|| offered.cloned());
         let mut json = Self::from(view);
         if let Some(trace) = trace {
             json.traceparent = Some(trace.traceparent);

@@ -6,3 +6,4 @@ mod metrics;
 mod ops;
 mod session;
 mod support;
+mod trace_context;
