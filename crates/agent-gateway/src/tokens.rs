@@ -49,14 +49,17 @@ pub async fn issue(bus: &Bus, session: &TokenSession, ttl: Duration) -> GatewayR
         serde_json::to_string(session).map_err(|e| GatewayError::Internal(e.to_string()))?;
     let set = agent_set_key(bus, session.agent_id);
     let mut conn = bus.connection();
+    // Two steps, not one MULTI: on a Redis Cluster the two keys may live on
+    // different shards. A lost SADD only weakens the best-effort revocation.
+    let _: () = conn
+        .set_options(
+            &key,
+            value,
+            redis::SetOptions::default().with_expiration(redis::SetExpiry::PX(ttl_ms(ttl))),
+        )
+        .await
+        .map_err(|e| GatewayError::Unavailable(e.to_string()))?;
     let _: () = redis::pipe()
-        .atomic()
-        .cmd("SET")
-        .arg(&key)
-        .arg(value)
-        .arg("PX")
-        .arg(ttl_ms(ttl))
-        .ignore()
         .cmd("SADD")
         .arg(&set)
         .arg(&key)
@@ -91,12 +94,12 @@ pub async fn revoke_all(bus: &Bus, agent: AgentId) {
     let set = agent_set_key(bus, agent);
     let mut conn = bus.connection();
     let keys: Vec<String> = conn.smembers(&set).await.unwrap_or_default();
-    let mut pipe = redis::pipe();
-    for key in keys {
-        pipe.cmd("DEL").arg(key).ignore();
+    // One DEL per key, since on a cluster the keys span shards.
+    let mut result = Ok(());
+    for key in keys.iter().chain(std::iter::once(&set)) {
+        result = result.and(conn.del::<_, ()>(key).await);
     }
-    pipe.cmd("DEL").arg(&set).ignore();
-    if let Err(error) = pipe.query_async::<()>(&mut conn).await {
+    if let Err(error) = result {
         tracing::warn!(agent.id = %agent, error = %error, "could not delete the agent's HTTP tokens");
     }
 }

@@ -15,6 +15,7 @@ use domain::{AgentId, JobId, OrgId};
 use futures_util::{Stream, StreamExt};
 use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
@@ -52,10 +53,24 @@ impl Channel {
     }
 }
 
+/// Which Redis deployment the bus talks to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Topology {
+    /// One Redis (possibly a primary with replicas behind one address).
+    Single,
+    /// Redis Cluster: events go over sharded pub/sub (`SPUBLISH` /
+    /// `SSUBSCRIBE`), so each channel lives on the shard owning its slot
+    /// instead of being broadcast to every node.
+    Cluster,
+}
+
 /// Connection settings.
 #[derive(Clone, Debug)]
 pub struct BusConfig {
+    /// For [`Topology::Single`] one URL; for [`Topology::Cluster`] one or
+    /// more seed nodes, comma-separated.
     pub url: String,
+    pub topology: Topology,
     pub prefix: String,
     /// Per-command timeout; also bounds how long a readiness probe waits.
     pub command_timeout: Duration,
@@ -65,9 +80,27 @@ impl BusConfig {
     pub fn new(url: impl Into<String>, prefix: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            topology: Topology::Single,
             prefix: prefix.into(),
             command_timeout: Duration::from_secs(1),
         }
+    }
+
+    /// A Redis Cluster reached through `seeds` (comma-separated URLs).
+    pub fn cluster(seeds: impl Into<String>, prefix: impl Into<String>) -> Self {
+        Self {
+            topology: Topology::Cluster,
+            ..Self::new(seeds, prefix)
+        }
+    }
+
+    fn seeds(&self) -> Vec<String> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
     }
 }
 
@@ -75,9 +108,93 @@ impl BusConfig {
 /// after Redis comes back.
 #[derive(Clone)]
 pub struct Bus {
-    client: redis::Client,
-    conn: ConnectionManager,
+    backend: Backend,
+    conn: Connection,
     prefix: String,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Single(redis::Client),
+    Cluster(ClusterSeeds),
+}
+
+#[derive(Clone)]
+struct ClusterSeeds {
+    urls: Vec<String>,
+    timeout: Duration,
+}
+
+impl ClusterSeeds {
+    fn builder(&self) -> redis::cluster::ClusterClientBuilder {
+        redis::cluster::ClusterClientBuilder::new(self.urls.clone())
+            .connection_timeout(self.timeout)
+            .response_timeout(self.timeout)
+            .retries(1)
+    }
+}
+
+/// A command connection to whichever Redis the bus uses; implements
+/// [`redis::aio::ConnectionLike`], so commands and (non-atomic) pipelines
+/// run on it the same way on a single Redis and on a cluster.
+#[derive(Clone)]
+pub enum Connection {
+    Single(ConnectionManager),
+    Cluster(std::sync::Arc<LazyCluster>),
+}
+
+/// A cluster connection opened on first use, so a service starts (and
+/// reports not-ready) while the cluster is down.
+pub struct LazyCluster {
+    client: redis::cluster::ClusterClient,
+    conn: tokio::sync::OnceCell<ClusterConnection>,
+}
+
+impl LazyCluster {
+    async fn get(&self) -> redis::RedisResult<ClusterConnection> {
+        self.conn
+            .get_or_try_init(|| self.client.get_async_connection())
+            .await
+            .cloned()
+    }
+}
+
+impl redis::aio::ConnectionLike for Connection {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Connection::Single(conn) => conn.req_packed_command(cmd),
+            Connection::Cluster(lazy) => {
+                Box::pin(async move { lazy.get().await?.req_packed_command(cmd).await })
+            }
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Connection::Single(conn) => conn.req_packed_commands(cmd, offset, count),
+            Connection::Cluster(lazy) => Box::pin(async move {
+                lazy.get()
+                    .await?
+                    .req_packed_commands(cmd, offset, count)
+                    .await
+            }),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Single(conn) => conn.get_db(),
+            Connection::Cluster(..) => 0,
+        }
+    }
 }
 
 impl Bus {
@@ -85,15 +202,41 @@ impl Bus {
     /// (and report not-ready) while Redis is down. Fails only on a bad URL.
     /// Call it inside a Tokio runtime.
     pub fn connect(config: &BusConfig) -> BusResult<Self> {
-        let client = redis::Client::open(config.url.as_str())?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.command_timeout))
-            .set_response_timeout(Some(config.command_timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)?;
+        let (backend, conn) = match config.topology {
+            Topology::Single => {
+                let client = redis::Client::open(config.url.as_str())?;
+                let manager_config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(config.command_timeout))
+                    .set_response_timeout(Some(config.command_timeout))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_millis(500));
+                let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)?;
+                (Backend::Single(client), Connection::Single(conn))
+            }
+            Topology::Cluster => {
+                let seeds = config.seeds();
+                if seeds.is_empty() {
+                    return Err(BusError::Redis(redis::RedisError::from((
+                        redis::ErrorKind::InvalidClientConfig,
+                        "no Redis Cluster seed node given",
+                    ))));
+                }
+                let seeds = ClusterSeeds {
+                    urls: seeds,
+                    timeout: config.command_timeout,
+                };
+                let client = seeds.builder().build()?;
+                (
+                    Backend::Cluster(seeds),
+                    Connection::Cluster(std::sync::Arc::new(LazyCluster {
+                        client,
+                        conn: Default::default(),
+                    })),
+                )
+            }
+        };
         Ok(Self {
-            client,
+            backend,
             conn,
             prefix: config.prefix.clone(),
         })
@@ -113,8 +256,10 @@ impl Bus {
         format!("{}{}", self.prefix, suffix)
     }
 
-    /// A connection for commands (keys, counters) beyond publish.
-    pub fn connection(&self) -> ConnectionManager {
+    /// A connection for commands (keys, counters) beyond publish. On a
+    /// cluster, keys of one multi-key command or atomic pipeline must share
+    /// a hash slot.
+    pub fn connection(&self) -> Connection {
         self.conn.clone()
     }
 
@@ -135,7 +280,11 @@ impl Bus {
     pub async fn publish_raw(&self, channel: &Channel, payload: String) -> BusResult<usize> {
         metrics::observe_publish(channel, async {
             let mut conn = self.conn.clone();
-            Ok(conn.publish(self.channel_name(channel), payload).await?)
+            let name = self.channel_name(channel);
+            Ok(match self.backend {
+                Backend::Single(_) => conn.publish(name, payload).await?,
+                Backend::Cluster(_) => conn.spublish(name, payload).await?,
+            })
         })
         .await
     }
@@ -180,23 +329,123 @@ impl Bus {
         &self,
         channels: &[Channel],
     ) -> BusResult<impl Stream<Item = Envelope> + use<>> {
-        let mut pubsub = self.client.get_async_pubsub().await?;
-        for channel in channels {
-            pubsub.subscribe(self.channel_name(channel)).await?;
+        let names: Vec<String> = channels.iter().map(|c| self.channel_name(c)).collect();
+        let (mut sink, messages) = self.open_pubsub().await?;
+        sink.subscribe(&names).await?;
+        // The sink owns the subscriptions: it lives as long as the stream.
+        let channels = names.len();
+        let events = messages.filter_map(move |message| {
+            let _sink = &sink;
+            futures_util::future::ready(parse_payload(&message.channel, &message.payload))
+        });
+        Ok(metrics::Counted::new(events, channels))
+    }
+
+    /// A pub/sub connection whose channels change over time: subscribe and
+    /// unsubscribe through the sink while reading the stream. The stream
+    /// ends when the connection drops (on a cluster: when any node's
+    /// does); what was published meanwhile is lost, so callers reopen,
+    /// resubscribe and backfill from PostgreSQL.
+    pub async fn open_pubsub(&self) -> BusResult<(PubSubSink, RawMessages)> {
+        match &self.backend {
+            Backend::Single(client) => {
+                let (sink, stream) = client.get_async_pubsub().await?.split();
+                let messages = stream.filter_map(|message| {
+                    futures_util::future::ready(message.get_payload::<String>().ok().map(
+                        |payload| RawMessage {
+                            channel: message.get_channel_name().to_owned(),
+                            payload,
+                        },
+                    ))
+                });
+                Ok((PubSubSink::Single(sink), messages.boxed()))
+            }
+            Backend::Cluster(seeds) => {
+                let (sender, receiver) = tokio::sync::mpsc::unbounded_channel::<redis::PushInfo>();
+                let client = seeds
+                    .builder()
+                    .use_protocol(redis::ProtocolVersion::RESP3)
+                    .push_sender(sender)
+                    .build()?;
+                let conn = client.get_async_connection().await?;
+                let pushes = futures_util::stream::unfold(receiver, |mut receiver| async move {
+                    let push = receiver.recv().await?;
+                    Some((push, receiver))
+                });
+                let messages = pushes
+                    .take_while(|push| {
+                        futures_util::future::ready(push.kind != redis::PushKind::Disconnection)
+                    })
+                    .filter_map(|push| {
+                        futures_util::future::ready(match (push.kind, push.data.as_slice()) {
+                            (redis::PushKind::SMessage, [channel, payload]) => {
+                                match (
+                                    redis::from_redis_value_ref::<String>(channel),
+                                    redis::from_redis_value_ref::<String>(payload),
+                                ) {
+                                    (Ok(channel), Ok(payload)) => {
+                                        Some(RawMessage { channel, payload })
+                                    }
+                                    _ => None,
+                                }
+                            }
+                            _ => None,
+                        })
+                    });
+                Ok((PubSubSink::Cluster(conn), messages.boxed()))
+            }
         }
-        let events = pubsub
-            .into_on_message()
-            .filter_map(|message| futures_util::future::ready(parse(&message)));
-        Ok(metrics::Counted::new(events, channels.len()))
     }
 }
 
-fn parse(message: &redis::Msg) -> Option<Envelope> {
-    let payload: String = message.get_payload().ok()?;
-    match serde_json::from_str::<Envelope>(&payload) {
+/// One message as published: full channel name and payload.
+#[derive(Clone, Debug)]
+pub struct RawMessage {
+    pub channel: String,
+    pub payload: String,
+}
+
+pub type RawMessages = std::pin::Pin<Box<dyn Stream<Item = RawMessage> + Send>>;
+
+/// The subscribing half of [`Bus::open_pubsub`]. Dropping it closes the
+/// connection.
+pub enum PubSubSink {
+    Single(redis::aio::PubSubSink),
+    /// Sharded subscriptions (`SSUBSCRIBE`), one channel per command since
+    /// channels of one command must share a slot.
+    Cluster(ClusterConnection),
+}
+
+impl PubSubSink {
+    pub async fn subscribe(&mut self, names: &[String]) -> BusResult<()> {
+        if names.is_empty() {
+            return Ok(());
+        }
+        match self {
+            PubSubSink::Single(sink) => sink.subscribe(names).await?,
+            PubSubSink::Cluster(conn) => {
+                for name in names {
+                    conn.ssubscribe(name).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn unsubscribe(&mut self, name: &str) -> BusResult<()> {
+        match self {
+            PubSubSink::Single(sink) => sink.unsubscribe(name).await?,
+            PubSubSink::Cluster(conn) => conn.sunsubscribe(name).await?,
+        }
+        Ok(())
+    }
+}
+
+fn parse_payload(channel: &str, payload: &str) -> Option<Envelope> {
+    match serde_json::from_str::<Envelope>(payload) {
         Ok(envelope) => Some(envelope),
         Err(error) => {
-            tracing::warn!(error = %error, channel = message.get_channel_name(), "skipping malformed event");
+            tracing::warn!(error = %error, channel, "skipping malformed event");
             None
         }
     }

@@ -130,24 +130,22 @@ impl Hub {
     /// Starts the Redis reader; it runs until `shutdown`.
     pub fn start(
         db: db::Db,
-        redis_url: &str,
-        prefix: &str,
+        bus: bus::Bus,
         check_interval: Duration,
         metrics: Metrics,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
-        let client = redis::Client::open(redis_url)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             db,
-            prefix: prefix.to_owned(),
+            prefix: bus.prefix().to_owned(),
             channels: Mutex::new(HashMap::new()),
             redis: tx,
             runtime: tokio::runtime::Handle::current(),
             check_interval,
             metrics,
         });
-        tokio::spawn(redis_reader(client, Arc::downgrade(&inner), rx, shutdown));
+        tokio::spawn(redis_reader(bus, Arc::downgrade(&inner), rx, shutdown));
         Ok(Self { inner })
     }
 
@@ -288,14 +286,14 @@ impl Inner {
 /// Reads every subscribed channel on one pub/sub connection; reconnects
 /// (and resubscribes, and resynchronizes every feed) when it drops.
 async fn redis_reader(
-    client: redis::Client,
+    bus: bus::Bus,
     inner: std::sync::Weak<Inner>,
     mut commands: mpsc::UnboundedReceiver<RedisCommand>,
     shutdown: CancellationToken,
 ) {
     let mut connected_before = false;
     loop {
-        let connect = tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub());
+        let connect = tokio::time::timeout(Duration::from_secs(2), bus.open_pubsub());
         let pubsub = tokio::select! {
             _ = shutdown.cancelled() => return,
             result = connect => match result {
@@ -322,7 +320,7 @@ async fn redis_reader(
             }
             continue;
         };
-        let (mut sink, mut stream) = pubsub.split();
+        let (mut sink, mut stream) = pubsub;
         let Some(hub) = inner.upgrade() else { return };
         let names: Vec<String> = hub.lock().keys().map(|n| hub.redis_name(n)).collect();
         drop(hub);
@@ -345,7 +343,7 @@ async fn redis_reader(
                 command = commands.recv() => match command {
                     None => return,
                     Some(RedisCommand::Subscribe(name, ready)) => {
-                        let result = sink.subscribe(&name).await;
+                        let result = sink.subscribe(std::slice::from_ref(&name)).await;
                         let _ = ready.send(());
                         if result.is_err() { break; }
                     }
@@ -356,9 +354,8 @@ async fn redis_reader(
                 message = stream.next() => match message {
                     None => break,
                     Some(message) => {
-                        let Ok(payload) = message.get_payload::<String>() else { continue };
                         let Some(hub) = inner.upgrade() else { return };
-                        hub.dispatch(message.get_channel_name(), payload);
+                        hub.dispatch(&message.channel, message.payload);
                     }
                 },
             }

@@ -96,8 +96,7 @@ pub async fn run(
     let metrics = metrics::Metrics::new(foundation.ops.registry());
     let hub = hub::Hub::start(
         foundation.db.clone(),
-        &config.common.redis.url,
-        &config.common.redis.prefix,
+        foundation.bus.clone(),
         config.check_interval,
         metrics.clone(),
         hub_stop.clone(),

@@ -10,6 +10,7 @@
 //! | `DATABASE_ACQUIRE_TIMEOUT_MS` | `5000` | all |
 //! | `REDIS_URL` | required | all |
 //! | `REDIS_KEY_PREFIX` | `sy:` | all |
+//! | `REDIS_CLUSTER` | `false` | all |
 //! | `MIGRATE_ON_START` | `false` | all |
 //! | `RUST_LOG` | `info` | all |
 //! | `LOG_FORMAT` | `json` (`compact` for people) | all |
@@ -44,6 +45,7 @@ pub const VARIABLES: &[&str] = &[
     "DATABASE_ACQUIRE_TIMEOUT_MS",
     "REDIS_URL",
     "REDIS_KEY_PREFIX",
+    "REDIS_CLUSTER",
     "MIGRATE_ON_START",
     "RUST_LOG",
     "LOG_FORMAT",
@@ -314,6 +316,11 @@ impl CommonConfig {
             "redis://127.0.0.1:6379",
         )?;
         let prefix = optional(source, "REDIS_KEY_PREFIX").unwrap_or_else(|| "sy:".to_owned());
+        let redis = if flag(source, "REDIS_CLUSTER")? {
+            bus::BusConfig::cluster(redis_url, prefix)
+        } else {
+            bus::BusConfig::new(redis_url, prefix)
+        };
         let log_format = match optional(source, "LOG_FORMAT") {
             None => LogFormat::Json,
             Some(raw) => LogFormat::parse(&raw).ok_or_else(|| ConfigError {
@@ -323,7 +330,7 @@ impl CommonConfig {
         };
         Ok(Self {
             database,
-            redis: bus::BusConfig::new(redis_url, prefix),
+            redis,
             migrate_on_start: flag(source, "MIGRATE_ON_START")?,
             http: HttpConfig::from_source(source)?,
             telemetry: TelemetryConfig {

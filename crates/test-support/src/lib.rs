@@ -13,6 +13,8 @@
 //! `TEST_DATABASE_URL` (default `postgres://postgres:postgres@127.0.0.1:5432/postgres`)
 //! names a maintenance database on a server where the user may create
 //! databases; `TEST_REDIS_URL` (default `redis://127.0.0.1:6379`) the Redis.
+//! With `TEST_REDIS_CLUSTER=true`, `TEST_REDIS_URL` lists the seed nodes of
+//! a Redis Cluster (comma-separated) and the shared Redis is used as one.
 
 mod database;
 pub mod ops_checks;
@@ -20,7 +22,7 @@ mod redis_server;
 mod service;
 
 pub use database::TestDb;
-pub use redis_server::{RedisServer, TestRedis};
+pub use redis_server::{RedisServer, TestRedis, bus_config};
 pub use service::{RunningService, spawn_service};
 
 /// Installs a test log subscriber once (honours `RUST_LOG`; quiet otherwise).
@@ -50,6 +52,10 @@ pub fn common_config(
         ("DATABASE_POOL_SIZE", "8".to_owned()),
         ("REDIS_URL", redis_url.to_owned()),
         ("REDIS_KEY_PREFIX", redis_prefix.to_owned()),
+        (
+            "REDIS_CLUSTER",
+            redis_server::is_shared_cluster(redis_url).to_string(),
+        ),
         ("HTTP_WORKERS", "1".to_owned()),
         ("HTTP_SHUTDOWN_TIMEOUT_SECS", "2".to_owned()),
     ];

@@ -6,6 +6,24 @@ fn redis_url() -> String {
     std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
 }
 
+fn shared_is_cluster() -> bool {
+    std::env::var("TEST_REDIS_CLUSTER").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Whether `url` is the shared test Redis and that is a cluster.
+pub(crate) fn is_shared_cluster(url: &str) -> bool {
+    shared_is_cluster() && url == redis_url()
+}
+
+/// Bus settings for `url` (the shared Redis or a [`RedisServer`]) and `prefix`.
+pub fn bus_config(url: &str, prefix: &str) -> bus::BusConfig {
+    if is_shared_cluster(url) {
+        bus::BusConfig::cluster(url, prefix)
+    } else {
+        bus::BusConfig::new(url, prefix)
+    }
+}
+
 /// The shared Redis with a key and channel prefix of this test's own.
 pub struct TestRedis {
     url: String,
@@ -22,6 +40,11 @@ impl TestRedis {
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Whether the shared Redis is a cluster (`REDIS_CLUSTER` for a child process).
+    pub fn is_cluster(&self) -> bool {
+        is_shared_cluster(&self.url)
     }
 
     /// Every key and channel this test uses starts with this.
@@ -41,9 +64,6 @@ impl Drop for TestRedis {
         let url = self.url.clone();
         let pattern = format!("{}*", self.prefix);
         let handle = std::thread::spawn(move || {
-            let Ok(client) = redis::Client::open(url) else {
-                return;
-            };
             let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -51,17 +71,21 @@ impl Drop for TestRedis {
                 return;
             };
             runtime.block_on(async move {
-                let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+                let Ok(bus) = bus::Bus::connect(&bus_config(&url, "")) else {
                     return;
                 };
+                let mut conn = bus.connection();
                 let keys: Vec<String> = redis::cmd("KEYS")
                     .arg(&pattern)
                     .query_async(&mut conn)
                     .await
                     .unwrap_or_default();
-                if !keys.is_empty() {
-                    let _: Result<(), _> = redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
+                // One DEL per key: on a cluster the keys span shards.
+                let mut pipe = redis::pipe();
+                for key in keys {
+                    pipe.cmd("DEL").arg(key).ignore();
                 }
+                let _: Result<(), _> = pipe.query_async(&mut conn).await;
             });
         });
         let _ = handle.join();

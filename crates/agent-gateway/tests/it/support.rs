@@ -6,7 +6,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
 use agent_gateway::{Config, Listeners};
-use bus::{Bus, BusConfig, Channel};
+use bus::{Bus, Channel};
 use db::leases::Lease;
 use domain::agent::{AgentProfile, AgentStatus};
 use domain::events::{Envelope, Event};
@@ -107,7 +107,7 @@ pub fn start(db: &TestDb, redis_url: &str, prefix: &str) -> TestGateway {
 }
 
 pub fn bus(redis_url: &str, prefix: &str) -> Bus {
-    Bus::connect(&BusConfig::new(redis_url, prefix)).expect("bus")
+    Bus::connect(&test_support::bus_config(redis_url, prefix)).expect("bus")
 }
 
 pub fn org() -> OrgId {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use bus::{Bus, BusConfig, Channel};
+use bus::{Bus, Channel};
 use domain::events::{Envelope, Event};
 use domain::job::{JobStatus, QueueName};
 use domain::{JobId, OrgId};
@@ -24,7 +24,7 @@ fn created(org: &OrgId) -> Envelope {
 #[tokio::test(flavor = "multi_thread")]
 async fn published_events_reach_subscribers_intact() {
     let redis = TestRedis::new();
-    let bus = Bus::connect(&BusConfig::new(redis.url(), redis.prefix())).expect("bus");
+    let bus = Bus::connect(&test_support::bus_config(redis.url(), redis.prefix())).expect("bus");
     let org = OrgId::parse("acme").expect("org");
     let mut events = bus
         .subscribe(&[Channel::Org(org.clone())])
@@ -46,8 +46,9 @@ async fn published_events_reach_subscribers_intact() {
 #[tokio::test(flavor = "multi_thread")]
 async fn prefixes_isolate_tests_sharing_one_redis() {
     let (mine, theirs) = (TestRedis::new(), TestRedis::new());
-    let my_bus = Bus::connect(&BusConfig::new(mine.url(), mine.prefix())).expect("bus");
-    let their_bus = Bus::connect(&BusConfig::new(theirs.url(), theirs.prefix())).expect("bus");
+    let my_bus = Bus::connect(&test_support::bus_config(mine.url(), mine.prefix())).expect("bus");
+    let their_bus =
+        Bus::connect(&test_support::bus_config(theirs.url(), theirs.prefix())).expect("bus");
     let org = OrgId::parse("acme").expect("org");
     let mut mine_events = my_bus
         .subscribe(&[Channel::Org(org.clone())])
@@ -75,7 +76,7 @@ async fn prefixes_isolate_tests_sharing_one_redis() {
 #[tokio::test(flavor = "multi_thread")]
 async fn malformed_messages_are_skipped_not_fatal() {
     let redis = TestRedis::new();
-    let bus = Bus::connect(&BusConfig::new(redis.url(), redis.prefix())).expect("bus");
+    let bus = Bus::connect(&test_support::bus_config(redis.url(), redis.prefix())).expect("bus");
     let org = OrgId::parse("acme").expect("org");
     let channel = Channel::Org(org.clone());
     let mut events = bus
@@ -97,7 +98,7 @@ async fn malformed_messages_are_skipped_not_fatal() {
 #[tokio::test(flavor = "multi_thread")]
 async fn ping_fails_fast_when_redis_is_down() {
     let mut server = test_support::RedisServer::start();
-    let bus = Bus::connect(&BusConfig::new(server.url(), "sy:")).expect("bus");
+    let bus = Bus::connect(&test_support::bus_config(&server.url(), "sy:")).expect("bus");
     bus.ping().await.expect("up");
     server.stop();
     let started = std::time::Instant::now();

@@ -8,18 +8,21 @@ use test_support::{TestDb, TestRedis};
 use crate::support::{Client, Incoming, Writer, assert_exactly, bus, collect, start, token};
 
 async fn subscribers_on(redis_url: &str, channel: &str) -> i64 {
-    let client = redis::Client::open(redis_url).expect("redis");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis connection");
-    let (_, count): (String, i64) = redis::cmd("PUBSUB")
-        .arg("NUMSUB")
+    let config = test_support::bus_config(redis_url, "");
+    let redis = ::bus::Bus::connect(&config).expect("bus");
+    // The broadcaster subscribes with sharded pub/sub on a cluster.
+    let kind = if config.topology == ::bus::Topology::Cluster {
+        "SHARDNUMSUB"
+    } else {
+        "NUMSUB"
+    };
+    let counts: std::collections::HashMap<String, i64> = redis::cmd("PUBSUB")
+        .arg(kind)
         .arg(channel)
-        .query_async(&mut conn)
+        .query_async(&mut redis.connection())
         .await
         .expect("pubsub numsub");
-    count
+    counts.get(channel).copied().unwrap_or(0)
 }
 
 async fn until_status(client: &mut Client) {

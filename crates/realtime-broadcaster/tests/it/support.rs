@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use auth::Role;
-use bus::{Bus, BusConfig, Channel};
+use bus::{Bus, Channel};
 use chrono::Utc;
 use db::logs::IncomingLine;
 use domain::events::{Envelope, Event, LogStream};
@@ -55,7 +55,7 @@ pub fn token(orgs: &[&str]) -> String {
 }
 
 pub fn bus(redis_url: &str, prefix: &str) -> Bus {
-    Bus::connect(&BusConfig::new(redis_url, prefix)).expect("bus")
+    Bus::connect(&test_support::bus_config(redis_url, prefix)).expect("bus")
 }
 
 fn new_job() -> NewJob {

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bus::{Bus, BusConfig, Channel};
+use bus::{Bus, Channel};
 use db::agents::NewRegistrationToken;
 use db::jobs::{CreateContext, Created};
 use diesel_async::RunQueryDsl;
@@ -25,7 +25,7 @@ pub fn org(name: &str) -> OrgId {
 }
 
 pub fn bus(redis: &TestRedis) -> Bus {
-    Bus::connect(&BusConfig::new(redis.url(), redis.prefix())).expect("bus")
+    Bus::connect(&test_support::bus_config(redis.url(), redis.prefix())).expect("bus")
 }
 
 pub fn fast_settings() -> scheduler::Settings {

@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use agent_gateway::{Config, Listeners};
-use bus::{Bus, BusConfig, Channel};
+use bus::{Bus, Channel};
 use domain::agent::AgentStatus;
 use domain::events::{Envelope, Event};
 use domain::job::{JobStatus, Labels, NewJob, Payload, QueueName, Timeouts};
@@ -75,7 +75,7 @@ impl Drop for Gateway {
 }
 
 pub fn bus(redis_url: &str, prefix: &str) -> Bus {
-    Bus::connect(&BusConfig::new(redis_url, prefix)).expect("bus")
+    Bus::connect(&test_support::bus_config(redis_url, prefix)).expect("bus")
 }
 
 pub fn org() -> OrgId {
