@@ -345,3 +345,52 @@ fn the_gateway_has_a_headless_service_for_grpc_balancing() {
         .find(|s| s.document["spec"]["selector"]["app.kubernetes.io/name"] == "agent-gateway");
     assert!(headless.is_some(), "agent-gateway needs a headless Service");
 }
+
+/// PostgreSQL's default `max_connections` (100) less its default
+/// `superuser_reserved_connections` (3).
+const DEFAULT_CONNECTION_BUDGET: u64 = 97;
+
+#[test]
+fn k8s_pools_fit_a_default_postgresql_at_full_scale_during_a_rollout() {
+    let manifests = manifests();
+    let mut total = 0;
+    for workload in manifests.workloads().expect("workloads") {
+        let spec = &workload.manifest.document["spec"];
+        if workload.manifest.kind == "Job" {
+            // `migrate` holds one connection, not a pool.
+            total += 1;
+            continue;
+        }
+        let replicas = spec["replicas"].as_u64().unwrap_or(1);
+        let autoscaled = manifests
+            .of_kind("HorizontalPodAutoscaler")
+            .filter(|h| {
+                h.document["spec"]["scaleTargetRef"]["name"] == workload.manifest.name.as_str()
+            })
+            .filter_map(|h| h.document["spec"]["maxReplicas"].as_u64())
+            .max()
+            .unwrap_or(0);
+        let most = replicas.max(autoscaled);
+        let surge = match &spec["strategy"]["rollingUpdate"]["maxSurge"] {
+            Value::Number(n) => n.as_u64().expect("maxSurge"),
+            Value::String(percent) => {
+                let p: u64 = percent.trim_end_matches('%').parse().expect("maxSurge %");
+                (most * p).div_ceil(100)
+            }
+            _ => most.div_ceil(4), // Kubernetes' default: 25 %
+        };
+        let pods = most + surge;
+        for container in &workload.containers {
+            let pool: u64 = container
+                .env
+                .get("DATABASE_POOL_SIZE")
+                .map_or(Ok(16), |v| v.parse())
+                .expect("DATABASE_POOL_SIZE is a number");
+            total += pods * pool;
+        }
+    }
+    assert!(
+        total <= DEFAULT_CONNECTION_BUDGET,
+        "the pools may open {total} PostgreSQL connections; keep it within {DEFAULT_CONNECTION_BUDGET} or document a higher max_connections"
+    );
+}

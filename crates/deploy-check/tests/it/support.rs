@@ -34,7 +34,8 @@ pub fn binaries_dir() -> PathBuf {
 /// than every source file and used as they are. Run alone
 /// (`cargo test -p deploy-check`), they may be missing or stale, and the
 /// test builds them with the same Cargo, target directory and profile
-/// (`cargo build --bins -p …`), inheriting the environment so the build
+/// (`cargo build --bins -p …`, `--release` when this test is a release
+/// build), inheriting the environment so the build
 /// settings (e.g. `CARGO_PROFILE_DEV_DEBUG`) match. The staleness check is
 /// by modification time, like make's.
 pub fn built_binaries(programs: &[Program]) -> Vec<PathBuf> {
@@ -54,6 +55,9 @@ pub fn built_binaries(programs: &[Program]) -> Vec<PathBuf> {
             .current_dir(deploy_check::repo_root())
             .args(["build", "--bins", "--target-dir"])
             .arg(target_dir);
+        if dir.file_name().is_some_and(|name| name == "release") {
+            command.arg("--release");
+        }
         for program in programs {
             command.args(["-p", program.binary()]);
         }
