@@ -361,6 +361,16 @@ impl Session {
                 Err(e) => self.refuse(&job.job_id, e).await?,
             }
         }
+        // Reporting a job as running proves the agent accepted it, even when
+        // the gateway that received the acknowledgement died before storing
+        // it (the job is then still `leased`, and its lease cannot be
+        // renewed). Jobs that ended meanwhile fail here and are explained
+        // by the renewal below.
+        for &(job, epoch) in &held {
+            if let Err(error) = self.gateway.acknowledge(&self.ctx, job, epoch).await {
+                tracing::debug!(job.id = %job, epoch, error = %error, "resumed job not acknowledged");
+            }
+        }
         self.renew(&held).await?;
         for (job, epoch) in held {
             match self.gateway.committed_offset(job, epoch).await {

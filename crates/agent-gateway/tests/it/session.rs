@@ -552,6 +552,58 @@ async fn an_agent_resumes_on_another_gateway_with_the_same_epoch() {
     assert_eq!(agent_status(&db, agent.id).await, AgentStatus::Online);
 }
 
+/// The gateway holding the session dies before it stores the agent's
+/// acknowledgement: the job is still `leased` when the agent, which runs
+/// it, resumes elsewhere. The resume stands for the acknowledgement.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resume_acknowledges_an_assignment_whose_ack_was_lost() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let bus = bus(redis.url(), redis.prefix());
+    let first = start(&db, redis.url(), redis.prefix());
+    let second = start(&db, redis.url(), redis.prefix());
+    let token = registration_token(&db).await;
+    let agent = register(&first, &token, "runner-1").await;
+
+    let mut session = RawSession::open(&first.grpc_url(), &agent.secret, vec![]).await;
+    wait_online(&db, agent.id).await;
+    let job = submit(&db, "acked job").await;
+    let epoch = offer(&db, &bus, job, agent.id).await.epoch as u64;
+    session.assignment().await;
+    first.stop().await.expect("first gateway stops");
+    drop(session);
+    assert_eq!(job_row(&db, job).await.status(), JobStatus::Leased);
+
+    let mut resumed = RawSession::open(
+        &second.grpc_url(),
+        &agent.secret,
+        vec![pb::RunningJob {
+            job_id: job.to_string(),
+            epoch,
+            log_offset: 0,
+        }],
+    )
+    .await;
+    let lease = resumed
+        .next_where(|m| match m {
+            ServerMsg::LeaseUpdate(u) => Some(Ok(u)),
+            ServerMsg::Stale(s) => Some(Err(s)),
+            _ => None,
+        })
+        .await
+        .expect("the lease is renewed, not declared stale");
+    assert_eq!(lease.epoch, epoch);
+    assert_eq!(job_row(&db, job).await.status(), JobStatus::Running);
+    resumed.send(result(job, epoch, 0)).await;
+    let ack = resumed
+        .next_where(|m| match m {
+            ServerMsg::ResultAck(a) => Some(a),
+            _ => None,
+        })
+        .await;
+    assert_eq!(ack.status, "succeeded");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn grpc_health_and_reflection_answer() {
     let db = TestDb::new().await;
