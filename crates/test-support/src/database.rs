@@ -127,23 +127,59 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        // Drop runs outside async; do the cleanup on a thread of its own.
-        let name = std::mem::take(&mut self.name);
-        let handle = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            runtime.block_on(async move {
-                if let Ok(mut admin) = AsyncPgConnection::establish(&admin_url()).await {
-                    let _ = sql_query(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-                        .execute(&mut admin)
-                        .await;
-                }
-            });
-        });
-        let _ = handle.join();
+        drop_database(std::mem::take(&mut self.name));
     }
+}
+
+/// An empty database (no migrations), for tests of the migration path
+/// itself; dropped when it goes out of scope, even if the test fails.
+pub struct EmptyDb {
+    name: String,
+    url: String,
+}
+
+impl EmptyDb {
+    pub async fn create() -> Self {
+        let name = format!("switchyard_empty_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = AsyncPgConnection::establish(&admin_url())
+            .await
+            .expect("connect to TEST_DATABASE_URL");
+        sql_query(format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut admin)
+            .await
+            .expect("create database");
+        let url = url_for(&name);
+        Self { name, url }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+impl Drop for EmptyDb {
+    fn drop(&mut self) {
+        drop_database(std::mem::take(&mut self.name));
+    }
+}
+
+/// Drops a test's database. Drop runs outside async: do it on a thread
+/// of its own.
+fn drop_database(name: String) {
+    let handle = std::thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        runtime.block_on(async move {
+            if let Ok(mut admin) = AsyncPgConnection::establish(&admin_url()).await {
+                let _ = sql_query(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                    .execute(&mut admin)
+                    .await;
+            }
+        });
+    });
+    let _ = handle.join();
 }

@@ -21,7 +21,7 @@ pub mod ops_checks;
 mod redis_server;
 mod service;
 
-pub use database::TestDb;
+pub use database::{EmptyDb, TestDb};
 pub use redis_server::{RedisServer, TestRedis, bus_config};
 pub use service::{RunningService, spawn_service};
 

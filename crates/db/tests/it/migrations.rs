@@ -3,79 +3,10 @@
 
 use diesel::migration::MigrationSource;
 use diesel::pg::Pg;
-use diesel::sql_query;
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-use test_support::TestDb;
+use diesel_async::{AsyncConnection, AsyncPgConnection};
+use test_support::{EmptyDb, TestDb};
 
 use crate::support;
-
-/// The maintenance database tests may create databases through, as
-/// `test_support` reads it.
-fn admin_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
-fn url_for(database: &str) -> String {
-    let admin = admin_url();
-    let (base, query) = match admin.split_once('?') {
-        Some((base, query)) => (base.to_owned(), Some(query.to_owned())),
-        None => (admin.clone(), None),
-    };
-    let prefix = base
-        .rsplit_once('/')
-        .map_or(base.as_str(), |(prefix, _)| prefix);
-    match query {
-        Some(q) => format!("{prefix}/{database}?{q}"),
-        None => format!("{prefix}/{database}"),
-    }
-}
-
-/// An empty database, dropped when the guard goes out of scope (even if
-/// the test fails).
-struct EmptyDb {
-    name: String,
-}
-
-impl EmptyDb {
-    async fn create() -> Self {
-        let name = format!("switchyard_empty_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = AsyncPgConnection::establish(&admin_url())
-            .await
-            .expect("admin connection");
-        sql_query(format!("CREATE DATABASE \"{name}\""))
-            .execute(&mut admin)
-            .await
-            .expect("create database");
-        Self { name }
-    }
-
-    fn url(&self) -> String {
-        url_for(&self.name)
-    }
-}
-
-impl Drop for EmptyDb {
-    fn drop(&mut self) {
-        let name = std::mem::take(&mut self.name);
-        let cleanup = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            runtime.block_on(async move {
-                if let Ok(mut admin) = AsyncPgConnection::establish(&admin_url()).await {
-                    let _ = sql_query(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-                        .execute(&mut admin)
-                        .await;
-                }
-            });
-        });
-        let _ = cleanup.join();
-    }
-}
 
 fn migration_count() -> usize {
     MigrationSource::<Pg>::migrations(&db::MIGRATIONS)
@@ -99,7 +30,10 @@ async fn concurrent_migrators_apply_each_migration_exactly_once() {
     assert!(expected >= 1);
 
     let migrate = |url: String| tokio::spawn(async move { db::run_migrations(&url).await });
-    let (a, b) = tokio::join!(migrate(empty.url()), migrate(empty.url()));
+    let (a, b) = tokio::join!(
+        migrate(empty.url().to_owned()),
+        migrate(empty.url().to_owned())
+    );
 
     let (a, b) = (
         a.expect("join").expect("migrator a"),
@@ -107,7 +41,7 @@ async fn concurrent_migrators_apply_each_migration_exactly_once() {
     );
     assert_eq!(a + b, expected, "applied {a} + {b}");
     assert!(a == 0 || b == 0, "one migrator found nothing left to do");
-    let mut conn = AsyncPgConnection::establish(&empty.url())
+    let mut conn = AsyncPgConnection::establish(empty.url())
         .await
         .expect("connect");
     assert_eq!(
@@ -137,5 +71,5 @@ async fn concurrent_migrators_apply_each_migration_exactly_once() {
         "the schema is in place"
     );
     drop(conn);
-    assert_eq!(db::run_migrations(&empty.url()).await.expect("again"), 0);
+    assert_eq!(db::run_migrations(empty.url()).await.expect("again"), 0);
 }

@@ -25,7 +25,10 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use test_support::RedisServer;
 
 use crate::files::{compose, is_one_shot, switchyard_services};
-use crate::support::{EmptyDatabase, Process, binaries_dir, built_binaries, free_port};
+use crate::support::{
+    Process, authority_and_database, binaries_dir, built_binaries, free_port, host_port,
+};
+use test_support::EmptyDb;
 
 /// The image's home directory, where compose mounts the agent's volumes.
 const IMAGE_HOME: &str = "/var/lib/switchyard";
@@ -158,7 +161,7 @@ async fn every_compose_service_serves_with_its_compose_environment_and_stops_on_
 
     eprintln!("deploy-check: binaries ready after {:?}", started.elapsed());
     let compose = compose();
-    let database = EmptyDatabase::create().await;
+    let database = EmptyDb::create().await;
     let redis = RedisServer::start();
     let log_dir = std::env::temp_dir().join(format!(
         "switchyard-deploy-check-{}",
@@ -169,7 +172,7 @@ async fn every_compose_service_serves_with_its_compose_environment_and_stops_on_
     // Free ports for every listen address, remembered as the address other
     // containers use to reach that service (`<service>:<container port>`).
     let mut addresses = BTreeMap::from([
-        ("postgres:5432".to_owned(), database.host_port()),
+        ("postgres:5432".to_owned(), host_port(database.url())),
         (
             "redis:6379".to_owned(),
             redis.url().trim_start_matches("redis://").to_owned(),
@@ -206,7 +209,7 @@ async fn every_compose_service_serves_with_its_compose_environment_and_stops_on_
     }
     let rewrites = Rewrites {
         addresses,
-        database: database.authority_and_database().to_owned(),
+        database: authority_and_database(database.url()).to_owned(),
     };
     let resolve = |env: &Env| -> Env {
         let local = rewrites.apply(env);

@@ -10,8 +10,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use deploy_check::Env;
 use deploy_check::binaries::Program;
-use diesel::sql_query;
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 
 /// The directory holding the test executable's sibling binaries
 /// (`<target>/debug`): the test executable is `<target>/debug/deps/it-…`.
@@ -109,86 +107,23 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn admin_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".to_owned())
+/// `user:password@host:port/database`: the part of a PostgreSQL URL that
+/// names the server and database.
+pub fn authority_and_database(url: &str) -> &str {
+    url.split_once("://")
+        .map(|(_, rest)| rest.split('?').next().unwrap_or(rest))
+        .expect("database URL has a scheme")
 }
 
-/// A new, empty database (not the migrated template test-support clones:
-/// the point here is to run the migrations), dropped at the end.
-pub struct EmptyDatabase {
-    name: String,
-    url: String,
-}
-
-impl EmptyDatabase {
-    pub async fn create() -> Self {
-        let name = format!("switchyard_deploy_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = AsyncPgConnection::establish(&admin_url())
-            .await
-            .expect("connect to TEST_DATABASE_URL");
-        sql_query(format!("CREATE DATABASE \"{name}\""))
-            .execute(&mut admin)
-            .await
-            .expect("create database");
-        let admin = admin_url();
-        let (base, query) = match admin.split_once('?') {
-            Some((base, query)) => (base, Some(query)),
-            None => (admin.as_str(), None),
-        };
-        let prefix = base.rsplit_once('/').map_or(base, |(prefix, _)| prefix);
-        let url = match query {
-            Some(q) => format!("{prefix}/{name}?{q}"),
-            None => format!("{prefix}/{name}"),
-        };
-        Self { name, url }
-    }
-
-    pub fn url(&self) -> &str {
-        &self.url
-    }
-
-    /// `user:password@host:port/database`: the part of a PostgreSQL URL
-    /// that names the server and database.
-    pub fn authority_and_database(&self) -> &str {
-        self.url
-            .split_once("://")
-            .map(|(_, rest)| rest.split('?').next().unwrap_or(rest))
-            .expect("database URL has a scheme")
-    }
-
-    /// `host:port` of the server.
-    pub fn host_port(&self) -> String {
-        let rest = self.authority_and_database();
-        let after_user = rest.rsplit_once('@').map_or(rest, |(_, hp)| hp);
-        after_user
-            .split('/')
-            .next()
-            .unwrap_or(after_user)
-            .to_owned()
-    }
-}
-
-impl Drop for EmptyDatabase {
-    fn drop(&mut self) {
-        let name = std::mem::take(&mut self.name);
-        let cleanup = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            runtime.block_on(async move {
-                if let Ok(mut admin) = AsyncPgConnection::establish(&admin_url()).await {
-                    let _ = sql_query(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-                        .execute(&mut admin)
-                        .await;
-                }
-            });
-        });
-        let _ = cleanup.join();
-    }
+/// `host:port` of the server a PostgreSQL URL names.
+pub fn host_port(url: &str) -> String {
+    let rest = authority_and_database(url);
+    let after_user = rest.rsplit_once('@').map_or(rest, |(_, hp)| hp);
+    after_user
+        .split('/')
+        .next()
+        .unwrap_or(after_user)
+        .to_owned()
 }
 
 /// A program started with exactly `env` (nothing inherited), its output
