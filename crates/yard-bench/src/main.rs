@@ -121,7 +121,8 @@ pub struct Sizes {
     pub enqueue_duration: Duration,
     /// (clients, jobs per request).
     pub enqueue_cases: Vec<(usize, usize)>,
-    /// Stop a case early after this many jobs (keeps the smoke run's clean-up short).
+    /// Stop a case early after this many jobs: every enqueued job is then drained through
+    /// agents, so this bounds the clean-up (300 smoke, 5,000 full).
     pub enqueue_max_jobs: u64,
     pub drain_timeout: Duration,
     pub burndown_n: u64,
@@ -156,11 +157,11 @@ impl Sizes {
             } else {
                 vec![(1, 1), (8, 1), (32, 1), (4, 100), (2, 1000)]
             },
-            enqueue_max_jobs: s(300, u64::MAX),
+            enqueue_max_jobs: s(300, 5_000),
             drain_timeout: secs(60.0, 600.0),
             burndown_n: args.n.unwrap_or(s(2_000, 100_000)),
             burndown_timeout: secs(60.0, 900.0),
-            lifecycle_n: s(1_000, 50_000),
+            lifecycle_n: s(1_000, 20_000),
             agents: args.agents.unwrap_or(8),
             capacity: args.capacity.unwrap_or(256),
             idle_samples: args.lat_n.unwrap_or(s(30, 200) as usize),
