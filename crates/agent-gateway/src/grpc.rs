@@ -69,6 +69,15 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    // Small frames (acks, results) must not wait for Nagle's algorithm:
+    // with the agent's delayed ACKs that costs tens of milliseconds a
+    // message. tonic's own `tcp_nodelay` applies only to listeners it binds.
+    let incoming = TcpListenerStream::new(listener).map(|stream| {
+        stream.and_then(|stream| {
+            stream.set_nodelay(true)?;
+            Ok(stream)
+        })
+    });
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(settings.keepalive_interval))
         .http2_keepalive_timeout(Some(settings.keepalive_timeout))
@@ -76,7 +85,7 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), {
+        .serve_with_incoming_shutdown(incoming, {
             let shutdown = shutdown.clone();
             async move {
                 shutdown.cancelled().await;

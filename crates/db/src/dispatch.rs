@@ -233,10 +233,17 @@ struct CandidateRow {
 const CANDIDATE_COLUMNS: &str = "id, repository_id, queue_rank, priority, position, \
     COALESCE(queued_at, created_at) AS queued_at, required_labels, concurrency_key, concurrency_limit";
 
+/// Only jobs some online agent of the org has the labels for: otherwise
+/// more unrunnable jobs than a tick reads would hold the heads of a queue
+/// and starve everything queued behind them.
+const RUNNABLE: &str = "EXISTS (SELECT 1 FROM agents a WHERE a.org_id = $1 \
+    AND a.status = 'online' AND a.labels @> jobs.required_labels)";
+
 /// The heads of every repository's ready queue (and of jobs without one):
 /// the first `heads` by dispatch order and the `heads` oldest, so aging can
-/// lift them. Found by skipping through the index one repository at a
-/// time, never by reading a whole backlog.
+/// lift them, among the jobs an online agent could run. Found by skipping
+/// through the index one repository at a time, never by reading a whole
+/// backlog.
 pub async fn candidates(conn: &mut PgConn, org: &OrgId, heads: i64) -> DbResult<Vec<Candidate>> {
     let sql = format!(
         "WITH RECURSIVE groups(id) AS ( \
@@ -250,19 +257,19 @@ pub async fn candidates(conn: &mut PgConn, org: &OrgId, heads: i64) -> DbResult<
          SELECT DISTINCT ON (id) * FROM ( \
            SELECT c.* FROM groups g CROSS JOIN LATERAL ( \
              (SELECT {CANDIDATE_COLUMNS} FROM jobs WHERE org_id = $1 AND status = 'queued' \
-                AND repository_id = g.id AND run_at <= now() \
+                AND repository_id = g.id AND run_at <= now() AND {RUNNABLE} \
                 ORDER BY queue_rank, priority DESC, position LIMIT $2) \
              UNION ALL \
              (SELECT {CANDIDATE_COLUMNS} FROM jobs WHERE org_id = $1 AND status = 'queued' \
-                AND repository_id = g.id AND run_at <= now() ORDER BY position LIMIT $2)) c \
+                AND repository_id = g.id AND run_at <= now() AND {RUNNABLE} ORDER BY position LIMIT $2)) c \
            WHERE g.id IS NOT NULL \
            UNION ALL \
            (SELECT {CANDIDATE_COLUMNS} FROM jobs WHERE org_id = $1 AND status = 'queued' \
-              AND repository_id IS NULL AND run_at <= now() \
+              AND repository_id IS NULL AND run_at <= now() AND {RUNNABLE} \
               ORDER BY queue_rank, priority DESC, position LIMIT $2) \
            UNION ALL \
            (SELECT {CANDIDATE_COLUMNS} FROM jobs WHERE org_id = $1 AND status = 'queued' \
-              AND repository_id IS NULL AND run_at <= now() ORDER BY position LIMIT $2) \
+              AND repository_id IS NULL AND run_at <= now() AND {RUNNABLE} ORDER BY position LIMIT $2) \
          ) heads"
     );
     let rows: Vec<CandidateRow> = diesel::sql_query(sql)

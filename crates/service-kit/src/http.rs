@@ -161,6 +161,8 @@ where
             .configure(configure)
     })
     .workers(config.workers)
+    // Responses and WebSocket frames go out at once, not after Nagle's wait.
+    .tcp_nodelay(true)
     .keep_alive(config.keep_alive)
     .client_request_timeout(config.client_request_timeout)
     .shutdown_timeout(config.shutdown_timeout.as_secs())

@@ -499,3 +499,37 @@ async fn jobs_wait_for_run_at_without_polling_and_labels_route_work() {
     stop.cancel();
     let _ = task.await;
 }
+
+/// Jobs no online agent can run (here: a label nobody has) must not hold
+/// the heads of the queue: more of them than a tick reads go first, yet
+/// the runnable job behind them is leased.
+#[tokio::test(flavor = "multi_thread")]
+async fn unrunnable_jobs_at_the_head_do_not_block_the_queue() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let bus = bus(&redis);
+    let acme = org("acme");
+    let journal = Arc::new(Mutex::new(Journal::default()));
+    let mut gpu = job("train");
+    gpu.required_labels = domain::job::Labels::new(["gpu"]);
+    let heads_per_tick = db::dispatch::DispatchSettings::default().heads_per_group as usize;
+    let blocked = vec![gpu; 2 * heads_per_tick + 5];
+    create_jobs(&db, &acme, &blocked).await;
+    let runnable = create_jobs(&db, &acme, &[job("build")]).await;
+    spawn_agents(
+        &db,
+        &bus,
+        &acme,
+        1,
+        4,
+        &["cpu"],
+        Duration::from_secs(30),
+        Behaviour::Succeed(Duration::ZERO),
+        journal.clone(),
+    )
+    .await;
+    let (stop, task) = start_engine(&db, &bus, fast_settings());
+    wait_until_finished(&db, &runnable, Duration::from_secs(10)).await;
+    stop.cancel();
+    let _ = task.await;
+}
