@@ -157,9 +157,10 @@ fn to_json<T: Serialize>(value: &T) -> Result<serde_json::Value, diesel::result:
     serde_json::to_value(value).map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))
 }
 
-/// Creates all `new_jobs` in one transaction (all or nothing). With an
-/// idempotency key, a repeated request returns the jobs the first one made,
-/// and the same key with a different body is a [`DbError::Conflict`].
+/// Creates all `new_jobs` in one transaction (all or nothing), with their
+/// `job.created` audit event. With an idempotency key, a repeated request
+/// returns the jobs the first one made, and the same key with a different
+/// body is a [`DbError::Conflict`].
 pub async fn create_jobs(
     conn: &mut PgConn,
     ctx: &CreateContext<'_>,
@@ -270,6 +271,23 @@ pub async fn create_jobs(
             inserted.sort_by_key(|j| chunk.iter().position(|r| r.id == j.id));
             created.append(&mut inserted);
         }
+        crate::audit::record(
+            conn,
+            crate::audit::Record {
+                org: ctx.org,
+                actor: ctx.created_by.unwrap_or("system"),
+                action: "job.created",
+                target_type: "job",
+                target_id: created
+                    .iter()
+                    .map(|j| j.id.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                request_id: ctx.request_id,
+                details: serde_json::json!({ "count": created.len() }),
+            },
+        )
+        .await?;
         Ok(Created {
             jobs: created,
             replayed: false,

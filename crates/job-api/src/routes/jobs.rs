@@ -121,15 +121,6 @@ async fn create(
     if !errors.is_empty() {
         return Err(ApiError::Invalid(errors));
     }
-    for job in &jobs {
-        if let Some(repo) = job.repository_id {
-            db::repositories::get(&mut conn, &caller.org, repo)
-                .await
-                .map_err(|_| {
-                    ApiError::invalid("repository_id", "no such repository in this organization")
-                })?;
-        }
-    }
     let actor = caller.actor();
     let ctx = CreateContext {
         org: &caller.org,
@@ -137,26 +128,10 @@ async fn create(
         created_by: Some(&actor),
         request_id: caller.request_id(),
     };
+    // Checks the repositories and records the audit event in the same
+    // transaction as the jobs.
     let created = db::jobs::create_jobs(&mut conn, &ctx, &jobs, idem).await?;
     if !created.replayed {
-        db::audit::record(
-            &mut conn,
-            db::audit::Record {
-                org: &caller.org,
-                actor: &actor,
-                action: "job.created",
-                target_type: "job",
-                target_id: created
-                    .jobs
-                    .iter()
-                    .map(|j| j.id.to_string())
-                    .collect::<Vec<_>>()
-                    .join(","),
-                request_id: caller.request_id(),
-                details: serde_json::json!({ "count": created.jobs.len() }),
-            },
-        )
-        .await?;
         announce_created(state, &caller.org, &created.jobs, caller.request_id()).await;
     }
     Ok((created.jobs, created.replayed))

@@ -802,6 +802,19 @@ async fn orgs_settings_and_repositories_round_trip() {
         )
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, problem) = api
+        .call(
+            Method::POST,
+            "/v1/orgs/acme/jobs",
+            Some(&admin),
+            Some(json!({"command": "x", "repository_id": id})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+    assert!(
+        problem.to_string().contains("repository_id"),
+        "names the field: {problem}"
+    );
     let (status, _) = api
         .call(
             Method::GET,
