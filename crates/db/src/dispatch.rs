@@ -67,6 +67,22 @@ pub struct Granted {
     /// When the job was queued: dispatch latency is measured from here.
     #[diesel(sql_type = Nullable<Timestamptz>)]
     pub queued_at: Option<DateTime<Utc>>,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub traceparent: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub tracestate: Option<String>,
+}
+
+impl Granted {
+    /// The trace of the request that created the job.
+    pub fn trace(&self) -> Option<domain::events::TraceContext> {
+        self.traceparent
+            .clone()
+            .map(|traceparent| domain::events::TraceContext {
+                traceparent,
+                tracestate: self.tracestate.clone(),
+            })
+    }
 }
 
 #[derive(QueryableByName)]
@@ -334,7 +350,8 @@ async fn lease_batch(
          FROM unnest($1::uuid[], $2::uuid[]) AS p(job, agent) \
          WHERE j.id = p.job AND j.status = 'queued' \
          RETURNING j.id AS job_id, j.agent_id AS agent_id, j.org_id, j.lease_epoch AS epoch, \
-            j.app_failures + j.infra_failures + 1 AS attempt, j.lease_expires_at, j.queued_at",
+            j.app_failures + j.infra_failures + 1 AS attempt, j.lease_expires_at, j.queued_at, \
+            j.traceparent, j.tracestate",
     )
     .bind::<Array<SqlUuid>, _>(&jobs)
     .bind::<Array<SqlUuid>, _>(&agents)

@@ -129,6 +129,8 @@ struct NewJobRow<'a> {
     request_id: Option<&'a str>,
     created_at: DateTime<Utc>,
     queued_at: Option<DateTime<Utc>>,
+    traceparent: Option<&'a str>,
+    tracestate: Option<&'a str>,
 }
 
 /// Who is creating jobs, and under which settings.
@@ -137,6 +139,8 @@ pub struct CreateContext<'a> {
     pub settings: &'a OrgSettings,
     pub created_by: Option<&'a str>,
     pub request_id: Option<&'a str>,
+    /// The creating request's trace: the jobs' dispatch and run continue it.
+    pub trace: Option<&'a domain::events::TraceContext>,
 }
 
 /// An idempotency key and the hash of the request it came with.
@@ -205,6 +209,8 @@ pub async fn create_jobs(
             request_id: ctx.request_id,
             created_at: now,
             queued_at: (status == JobStatus::Queued).then_some(now),
+            traceparent: ctx.trace.map(|t| t.traceparent.as_str()),
+            tracestate: ctx.trace.and_then(|t| t.tracestate.as_deref()),
         });
     }
     let org_id = ctx.org.as_str();

@@ -22,7 +22,6 @@ use uuid::Uuid;
 
 use crate::Settings;
 use crate::metrics::Metrics;
-use crate::traces::TraceBook;
 
 /// Most rows one sweep query handles; the rest wait for the next sweep.
 const SWEEP_BATCH: i64 = 500;
@@ -37,7 +36,6 @@ pub struct Engine {
     settings: Settings,
     dispatch: DispatchSettings,
     metrics: Metrics,
-    traces: Arc<TraceBook>,
 }
 
 /// What a tick did, for tests and logs.
@@ -64,7 +62,6 @@ impl Engine {
             settings,
             dispatch,
             metrics: Metrics::new(registry),
-            traces: Arc::new(TraceBook::default()),
         }
     }
 
@@ -74,7 +71,6 @@ impl Engine {
         tokio::spawn(listen_for_wakeups(
             self.bus.clone(),
             wake.clone(),
-            self.traces.clone(),
             shutdown.clone(),
         ));
         let mut next_sweep = Instant::now();
@@ -149,17 +145,14 @@ impl Engine {
                 }
                 tracing::debug!(job.id = %lease.job_id, job.epoch = lease.epoch, agent.id = %lease.agent_id, "leased");
             }
-            // One span per batch, linked to the wake-ups it answers; each
-            // offer in it continues its own job's trace.
+            // One span per batch; each offer in it continues the trace of
+            // the request that created its job (stored on the job).
             let span = tracing::info_span!(
                 "dispatch",
                 org.id = %org,
                 leased = granted.len(),
                 trace_id = tracing::field::Empty
             );
-            for wakeup in self.traces.take_wakeups() {
-                telemetry::link_trace(&span, &wakeup);
-            }
             telemetry::record_trace_id(&span);
             join_all(granted.iter().map(|lease| self.offer(&org, lease)))
                 .instrument(span)
@@ -179,7 +172,7 @@ impl Engine {
             agent.id = %lease.agent_id,
             trace_id = tracing::field::Empty
         );
-        telemetry::adopt_trace(&span, self.traces.job(JobId(lease.job_id)).as_ref());
+        telemetry::adopt_trace(&span, lease.trace().as_ref());
         self.publish_offer(org, lease).instrument(span).await;
     }
 
@@ -417,12 +410,7 @@ fn ignore_race(error: DbError, job: Uuid) -> Result<(), DbError> {
 
 /// Turns `scheduler:wake` messages into notifications, resubscribing after
 /// Redis failures. While Redis is down the sweep interval bounds latency.
-async fn listen_for_wakeups(
-    bus: Bus,
-    wake: Arc<Notify>,
-    traces: Arc<TraceBook>,
-    shutdown: CancellationToken,
-) {
+async fn listen_for_wakeups(bus: Bus, wake: Arc<Notify>, shutdown: CancellationToken) {
     let mut backoff = Duration::from_millis(200);
     loop {
         let subscription = tokio::select! {
@@ -439,10 +427,7 @@ async fn listen_for_wakeups(
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         event = events.next() => match event {
-                            Some(envelope) => {
-                                traces.record(&envelope);
-                                wake.notify_one();
-                            }
+                            Some(_) => wake.notify_one(),
                             None => break,
                         },
                     }

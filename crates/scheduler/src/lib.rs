@@ -14,7 +14,6 @@
 
 mod engine;
 mod metrics;
-mod traces;
 
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;

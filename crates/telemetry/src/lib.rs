@@ -166,16 +166,6 @@ pub fn adopt_trace(span: &tracing::Span, trace: Option<&TraceContext>) {
     }
 }
 
-/// Links `span` to another trace (for a span serving many traces, such as
-/// a dispatch batch). Malformed contexts are ignored.
-pub fn link_trace(span: &tracing::Span, trace: &TraceContext) {
-    let extracted = TraceContextPropagator::new().extract(&carrier_of(trace));
-    let linked = extracted.span().span_context().clone();
-    if linked.is_valid() {
-        span.add_link(linked);
-    }
-}
-
 /// The span's trace id as 32 hex digits; `None` when it is not recorded.
 pub fn trace_id_of(span: &tracing::Span) -> Option<String> {
     let context = span.context();

@@ -219,6 +219,7 @@ pub async fn submit(db: &TestDb, command: &str) -> JobId {
         settings: &settings,
         created_by: Some("tester"),
         request_id: None,
+        trace: None,
     };
     db::jobs::create_jobs(&mut conn, &ctx, &[command_job(command)], None)
         .await

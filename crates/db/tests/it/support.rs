@@ -110,6 +110,7 @@ pub fn context<'a>(org: &'a OrgId, settings: &'a OrgSettings) -> CreateContext<'
         settings,
         created_by: Some("tester"),
         request_id: Some("req-1"),
+        trace: None,
     }
 }
 

@@ -122,11 +122,13 @@ async fn create(
         return Err(ApiError::Invalid(errors));
     }
     let actor = caller.actor();
+    let trace = telemetry::current_trace_context();
     let ctx = CreateContext {
         org: &caller.org,
         settings: &settings,
         created_by: Some(&actor),
         request_id: caller.request_id(),
+        trace: trace.as_ref(),
     };
     // Checks the repositories and records the audit event in the same
     // transaction as the jobs.
@@ -137,10 +139,9 @@ async fn create(
     Ok((created.jobs, created.replayed))
 }
 
-/// After commit: tell org watchers and the scheduler. The scheduler gets
-/// each job's creation too (not only one wake-up), because the envelope
-/// carries the request's trace context: that is how the job's dispatch,
-/// run and logs join the trace of the request that created it.
+/// After commit: tell org watchers, and wake the scheduler once. (The
+/// request's trace context is stored on each job, so its dispatch, run and
+/// logs join that trace.)
 async fn announce_created(
     state: &AppState,
     org: &OrgId,
@@ -154,10 +155,7 @@ async fn announce_created(
             status: job.status(),
         };
         state
-            .publish(Channel::Org(org.clone()), org, event.clone(), request_id)
-            .await;
-        state
-            .publish(Channel::SchedulerWake, org, event, request_id)
+            .publish(Channel::Org(org.clone()), org, event, request_id)
             .await;
     }
     if let Some(first) = jobs.first() {

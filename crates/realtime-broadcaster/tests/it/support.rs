@@ -101,6 +101,7 @@ impl Writer {
             settings: &settings,
             created_by: Some("tester"),
             request_id: None,
+            trace: None,
         };
         let job = db::jobs::create_jobs(&mut conn, &ctx, &[new_job()], None)
             .await

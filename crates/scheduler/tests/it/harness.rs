@@ -85,6 +85,7 @@ pub async fn create_jobs(db: &TestDb, org: &OrgId, jobs: &[NewJob]) -> Vec<JobId
         settings: &settings,
         created_by: Some("test"),
         request_id: None,
+        trace: None,
     };
     let mut ids = Vec::new();
     for chunk in jobs.chunks(1_000) {

@@ -97,8 +97,6 @@ async fn a_jobs_trace_follows_it_from_the_rest_request_to_the_websocket() {
         let config = scheduler::Config {
             common: common_config(scheduler::SERVICE, &db, redis.url(), redis.prefix()),
             addr: "127.0.0.1:0".parse().expect("addr"),
-            // The default sweep: a sweep between the job's commit and its
-            // wake-up would dispatch it before its trace is known.
             settings: scheduler::Settings::default(),
         };
         spawn_service(move |listener, shutdown| scheduler::run(config, listener, shutdown))
@@ -162,7 +160,11 @@ async fn a_jobs_trace_follows_it_from_the_rest_request_to_the_websocket() {
     };
     wait_agent(&db, agent_id, AgentStatus::Online).await;
 
-    let mut wakeups = Box::pin(bus.subscribe(&[Channel::SchedulerWake]).await.expect("sub"));
+    let mut org_events = Box::pin(
+        bus.subscribe(&[Channel::Org(OrgId::parse("acme").expect("org"))])
+            .await
+            .expect("sub"),
+    );
     let mut offers = Box::pin(
         bus.subscribe(&[Channel::Agent(agent_id)])
             .await
@@ -212,14 +214,30 @@ async fn a_jobs_trace_follows_it_from_the_rest_request_to_the_websocket() {
         .expect("subscribe");
     let mut logs = Box::pin(bus.subscribe(&[Channel::Job(job_id)]).await.expect("sub"));
 
-    // Hop 1: job-api put the request's trace on the envelope it published.
+    // Hop 1: job-api put the request's trace on the envelope it published,
+    // and on the job, where the scheduler reads it when it leases the job.
     let created = first(
-        &mut wakeups,
+        &mut org_events,
         "JobCreated",
         |e| matches!(e.event, Event::JobCreated { job_id: id, .. } if id == job_id),
     )
     .await;
     assert_eq!(trace_id_of(&created), Some(TRACE_ID), "JobCreated envelope");
+    let stored: Option<String> = {
+        use diesel::prelude::*;
+        use diesel_async::RunQueryDsl;
+        db::schema::jobs::table
+            .find(job_id.as_uuid())
+            .select(db::schema::jobs::traceparent)
+            .first(&mut db.conn().await)
+            .await
+            .expect("job row")
+    };
+    assert_eq!(
+        stored.as_deref().and_then(telemetry::trace_id_in),
+        Some(TRACE_ID),
+        "traceparent stored on the job"
+    );
 
     // Hop 2: the scheduler's offer continues it.
     let offered = first(
