@@ -459,8 +459,20 @@ async fn cancel_and_drain_are_pushed_to_the_session() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_agent_resumes_on_another_gateway_with_the_same_epoch() {
+/// Two gateways on one database and Redis, an agent in session on the
+/// first, and a job assigned to it there (not yet acknowledged).
+struct AssignedOnFirst {
+    db: TestDb,
+    _redis: TestRedis,
+    first: TestGateway,
+    second: TestGateway,
+    agent: Registered,
+    session: RawSession,
+    job: domain::JobId,
+    epoch: u64,
+}
+
+async fn assigned_on_the_first_of_two_gateways(command: &str) -> AssignedOnFirst {
     let db = TestDb::new().await;
     let redis = TestRedis::new();
     let bus = bus(redis.url(), redis.prefix());
@@ -468,12 +480,35 @@ async fn an_agent_resumes_on_another_gateway_with_the_same_epoch() {
     let second = start(&db, redis.url(), redis.prefix());
     let token = registration_token(&db).await;
     let agent = register(&first, &token, "runner-1").await;
-
     let mut session = RawSession::open(&first.grpc_url(), &agent.secret, vec![]).await;
     wait_online(&db, agent.id).await;
-    let job = submit(&db, "long job").await;
+    let job = submit(&db, command).await;
     let epoch = offer(&db, &bus, job, agent.id).await.epoch as u64;
     session.assignment().await;
+    AssignedOnFirst {
+        db,
+        _redis: redis,
+        first,
+        second,
+        agent,
+        session,
+        job,
+        epoch,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_resumes_on_another_gateway_with_the_same_epoch() {
+    let AssignedOnFirst {
+        db,
+        _redis,
+        first,
+        second,
+        agent,
+        mut session,
+        job,
+        epoch,
+    } = assigned_on_the_first_of_two_gateways("long job").await;
     session
         .send(AgentMsg::AssignmentAck(pb::AssignmentAck {
             job_id: job.to_string(),
@@ -557,19 +592,16 @@ async fn an_agent_resumes_on_another_gateway_with_the_same_epoch() {
 /// it, resumes elsewhere. The resume stands for the acknowledgement.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_resume_acknowledges_an_assignment_whose_ack_was_lost() {
-    let db = TestDb::new().await;
-    let redis = TestRedis::new();
-    let bus = bus(redis.url(), redis.prefix());
-    let first = start(&db, redis.url(), redis.prefix());
-    let second = start(&db, redis.url(), redis.prefix());
-    let token = registration_token(&db).await;
-    let agent = register(&first, &token, "runner-1").await;
-
-    let mut session = RawSession::open(&first.grpc_url(), &agent.secret, vec![]).await;
-    wait_online(&db, agent.id).await;
-    let job = submit(&db, "acked job").await;
-    let epoch = offer(&db, &bus, job, agent.id).await.epoch as u64;
-    session.assignment().await;
+    let AssignedOnFirst {
+        db,
+        _redis,
+        first,
+        second,
+        agent,
+        session,
+        job,
+        epoch,
+    } = assigned_on_the_first_of_two_gateways("acked job").await;
     first.stop().await.expect("first gateway stops");
     drop(session);
     assert_eq!(job_row(&db, job).await.status(), JobStatus::Leased);
