@@ -230,6 +230,17 @@ pub async fn submit(db: &TestDb, command: &str) -> JobId {
 
 /// Plays the scheduler: leases `job` to `agent` and publishes the offer.
 pub async fn offer(db: &TestDb, bus: &Bus, job: JobId, agent: AgentId) -> Lease {
+    offer_in_trace(db, bus, job, agent, None).await
+}
+
+/// [`offer`], the offer carrying the job's trace context.
+pub async fn offer_in_trace(
+    db: &TestDb,
+    bus: &Bus,
+    job: JobId,
+    agent: AgentId,
+    trace: Option<domain::events::TraceContext>,
+) -> Lease {
     let mut conn = db.conn().await;
     let lease = db::leases::lease_job(&mut conn, job, agent, ACK_TIMEOUT)
         .await
@@ -243,7 +254,8 @@ pub async fn offer(db: &TestDb, bus: &Bus, job: JobId, agent: AgentId) -> Lease 
             attempt: lease.attempt as u32,
             lease_expires_at: lease.expires_at,
         },
-    );
+    )
+    .with_trace(trace);
     bus.publish(&Channel::Agent(agent), &envelope)
         .await
         .expect("publish offer");

@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
-use bus::{Bus, Channel};
-use domain::events::{Envelope, Event, TraceContext};
+use bus::Bus;
+use domain::events::TraceContext;
 use domain::{AgentId, JobId};
 use serde_json::{Value, json};
 use test_support::{TestDb, TestRedis};
@@ -18,28 +18,11 @@ const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-
 
 /// Plays the scheduler, with the job's trace on the offer.
 async fn traced_offer(db: &TestDb, bus: &Bus, job: JobId, agent: AgentId) -> u64 {
-    let mut conn = db.conn().await;
-    let lease = db::leases::lease_job(&mut conn, job, agent, ACK_TIMEOUT)
-        .await
-        .expect("lease");
-    let envelope = Envelope::new(
-        org(),
-        Event::AssignmentOffered {
-            agent_id: agent,
-            job_id: job,
-            epoch: lease.epoch as u64,
-            attempt: lease.attempt as u32,
-            lease_expires_at: lease.expires_at,
-        },
-    )
-    .with_trace(Some(TraceContext {
+    let trace = TraceContext {
         traceparent: TRACEPARENT.into(),
         tracestate: Some("vendor=1".into()),
-    }));
-    bus.publish(&Channel::Agent(agent), &envelope)
-        .await
-        .expect("publish offer");
-    lease.epoch as u64
+    };
+    offer_in_trace(db, bus, job, agent, Some(trace)).await.epoch as u64
 }
 
 #[tokio::test(flavor = "multi_thread")]
