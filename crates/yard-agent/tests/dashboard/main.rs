@@ -3,11 +3,14 @@
 //! four of them running in-process. (This crate's tests are where every
 //! service runs together.)
 
+#[path = "../common/services.rs"]
+mod services;
+
 use std::collections::{BTreeSet, HashMap};
 use std::net::TcpListener;
 use std::time::Duration;
 
-use test_support::{TestDb, TestRedis, common_config, spawn_service};
+use test_support::{TestDb, TestRedis, common_config};
 use tokio_util::sync::CancellationToken;
 
 const SECRET: &str = "dashboard-test-secret";
@@ -108,49 +111,17 @@ async fn every_metric_the_dashboard_queries_is_exported_by_a_service() {
 
     let db = TestDb::new().await;
     let redis = TestRedis::new();
-    let auth = auth::AuthConfig {
-        hs256_secret: Some(SECRET.into()),
-        ..auth::AuthConfig::default()
-    };
-    let api = {
-        let config = job_api::Config {
-            common: common_config(job_api::SERVICE, &db, redis.url(), redis.prefix()),
-            addr: "127.0.0.1:0".parse().expect("addr"),
-            auth: auth.clone(),
-            cancel_grace: Duration::from_secs(30),
-            cors_origins: Vec::new(),
-        };
-        spawn_service(move |listener, shutdown| job_api::run(config, listener, shutdown))
-    };
-    let scheduler = {
-        let config = scheduler::Config {
-            common: common_config(scheduler::SERVICE, &db, redis.url(), redis.prefix()),
-            addr: "127.0.0.1:0".parse().expect("addr"),
-            settings: scheduler::Settings {
-                sweep_interval: Duration::from_millis(100),
-                ..scheduler::Settings::default()
-            },
-        };
-        spawn_service(move |listener, shutdown| scheduler::run(config, listener, shutdown))
-    };
-    let broadcaster = {
-        let config = realtime_broadcaster::Config {
-            common: common_config(
-                realtime_broadcaster::SERVICE,
-                &db,
-                redis.url(),
-                redis.prefix(),
-            ),
-            addr: "127.0.0.1:0".parse().expect("addr"),
-            auth,
-            dashboard_api_url: "http://127.0.0.1:8080".into(),
-            settings: realtime_broadcaster::Settings::default(),
-            check_interval: Duration::from_millis(500),
-        };
-        spawn_service(move |listener, shutdown| {
-            realtime_broadcaster::run(config, listener, shutdown)
-        })
-    };
+    let auth = services::hs256(SECRET);
+    let api = services::job_api(&db, &redis, auth.clone());
+    let scheduler = services::scheduler(
+        &db,
+        &redis,
+        scheduler::Settings {
+            sweep_interval: Duration::from_millis(100),
+            ..scheduler::Settings::default()
+        },
+    );
+    let broadcaster = services::broadcaster(&db, &redis, auth);
     let gateway_stop = CancellationToken::new();
     let gateway_http = {
         let lookup = |_: &str| -> Option<String> { None };

@@ -9,6 +9,9 @@
 //!
 //! Its own test binary, because it installs the process-wide subscriber.
 
+#[path = "../common/services.rs"]
+mod services;
+
 #[allow(dead_code)]
 #[path = "../it/support.rs"]
 mod support;
@@ -23,7 +26,7 @@ use domain::events::{Envelope, Event};
 use domain::job::JobStatus;
 use futures_util::{SinkExt, Stream, StreamExt};
 use opentelemetry_sdk::trace::SpanData;
-use test_support::{TestDb, TestRedis, common_config, spawn_service};
+use test_support::{TestDb, TestRedis};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
@@ -78,48 +81,11 @@ async fn a_jobs_trace_follows_it_from_the_rest_request_to_the_websocket() {
     let db = TestDb::new().await;
     let redis = TestRedis::new();
     let bus = bus(redis.url(), redis.prefix());
-    let auth = auth::AuthConfig {
-        hs256_secret: Some(SECRET.into()),
-        ..auth::AuthConfig::default()
-    };
-
-    let api = {
-        let config = job_api::Config {
-            common: common_config(job_api::SERVICE, &db, redis.url(), redis.prefix()),
-            addr: "127.0.0.1:0".parse().expect("addr"),
-            auth: auth.clone(),
-            cancel_grace: Duration::from_secs(30),
-            cors_origins: Vec::new(),
-        };
-        spawn_service(move |listener, shutdown| job_api::run(config, listener, shutdown))
-    };
-    let _scheduler = {
-        let config = scheduler::Config {
-            common: common_config(scheduler::SERVICE, &db, redis.url(), redis.prefix()),
-            addr: "127.0.0.1:0".parse().expect("addr"),
-            settings: scheduler::Settings::default(),
-        };
-        spawn_service(move |listener, shutdown| scheduler::run(config, listener, shutdown))
-    };
+    let auth = services::hs256(SECRET);
+    let api = services::job_api(&db, &redis, auth.clone());
+    let _scheduler = services::scheduler(&db, &redis, scheduler::Settings::default());
     let gateway = Gateway::start(&db, redis.url(), redis.prefix());
-    let broadcaster = {
-        let config = realtime_broadcaster::Config {
-            common: common_config(
-                realtime_broadcaster::SERVICE,
-                &db,
-                redis.url(),
-                redis.prefix(),
-            ),
-            addr: "127.0.0.1:0".parse().expect("addr"),
-            auth: auth.clone(),
-            dashboard_api_url: "http://127.0.0.1:8080".into(),
-            settings: realtime_broadcaster::Settings::default(),
-            check_interval: Duration::from_millis(500),
-        };
-        spawn_service(move |listener, shutdown| {
-            realtime_broadcaster::run(config, listener, shutdown)
-        })
-    };
+    let broadcaster = services::broadcaster(&db, &redis, auth);
 
     // The agent, in-process so its spans reach the same tracer.
     let token = registration_token(&db).await;
