@@ -271,10 +271,13 @@ pub async fn burndown(ctx: &Ctx, sizes: &Sizes, report: &mut Report) -> anyhow::
     Ok(jps)
 }
 
-/// Full lifecycle: batch enqueue through REST while agents take and complete.
-pub async fn lifecycle(ctx: &Ctx, sizes: &Sizes, report: &mut Report) -> anyhow::Result<()> {
-    let label = "bench-lifecycle";
-    let n = sizes.lifecycle_n;
+/// The configured fleet of agents in `label`'s org that complete every job
+/// at once, and the recorder of what they saw.
+async fn completing_fleet(
+    ctx: &Ctx,
+    sizes: &Sizes,
+    label: &str,
+) -> anyhow::Result<(Arc<Recorder>, Vec<agents::Session>)> {
     let recorder = Arc::new(Recorder::default());
     let sessions = agents::fleet(
         &ctx.api.org(label),
@@ -286,6 +289,14 @@ pub async fn lifecycle(ctx: &Ctx, sizes: &Sizes, report: &mut Report) -> anyhow:
         recorder.clone(),
     )
     .await?;
+    Ok((recorder, sessions))
+}
+
+/// Full lifecycle: batch enqueue through REST while agents take and complete.
+pub async fn lifecycle(ctx: &Ctx, sizes: &Sizes, report: &mut Report) -> anyhow::Result<()> {
+    let label = "bench-lifecycle";
+    let n = sizes.lifecycle_n;
+    let (recorder, sessions) = completing_fleet(ctx, sizes, label).await?;
     let before = counters(ctx).await;
     let started = Instant::now();
     let enqueue_rate = enqueue_batches(ctx, label, n, 100, 4).await?;
@@ -379,17 +390,7 @@ pub async fn idle(ctx: &Ctx, sizes: &Sizes, report: &mut Report) -> anyhow::Resu
 /// Open-loop load at fixed rates of single-job REST creates.
 pub async fn steady(ctx: &Ctx, sizes: &Sizes, report: &mut Report) -> anyhow::Result<()> {
     let label = "bench-steady";
-    let recorder = Arc::new(Recorder::default());
-    let sessions = agents::fleet(
-        &ctx.api.org(label),
-        &ctx.grpc,
-        label,
-        sizes.agents,
-        sizes.capacity,
-        Mode::Complete,
-        recorder.clone(),
-    )
-    .await?;
+    let (recorder, sessions) = completing_fleet(ctx, sizes, label).await?;
     let mut expected = 0u64;
     for &target in &sizes.steady_rates {
         let semaphore = Arc::new(tokio::sync::Semaphore::new(512));
