@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the end-to-end suites (bus, every service, the agent and the CLI)
-# against a three-node Redis Cluster on loopback ports, with events on
-# sharded pub/sub. The cluster is started here and stopped afterwards.
+# against the setups operators scale to: a three-node Redis Cluster on
+# loopback ports, with events on sharded pub/sub; then the database and
+# end-to-end suites through PgBouncer in transaction pooling mode. Each
+# setup is started here and stopped afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -9,10 +11,22 @@ source scripts/lib.sh
 ensure_backing_services
 export TEST_DATABASE_URL=${TEST_DATABASE_URL:-postgres://postgres:$PG_PASSWORD@$PG_HOST:$PG_PORT/postgres}
 
+cleanup=()
+stop_all() { for step in "${cleanup[@]}"; do eval "$step" || true; done; }
+trap stop_all EXIT
+
 say "starting a three-node Redis Cluster"
 seeds=$(bash scripts/redis-cluster.sh)
-trap 'bash scripts/redis-cluster.sh stop' EXIT
+cleanup+=("bash scripts/redis-cluster.sh stop")
 say "end-to-end suites against Redis Cluster ($seeds)"
 TEST_REDIS_CLUSTER=true TEST_REDIS_URL=$seeds \
   cargo test --no-fail-fast -p bus -p scheduler -p agent-gateway -p realtime-broadcaster \
+    -p yard-agent -p job-api -p yard "$@"
+
+say "starting PgBouncer in transaction pooling mode"
+pooler=$(bash scripts/pgbouncer.sh)
+cleanup+=("bash scripts/pgbouncer.sh stop")
+say "database and end-to-end suites through PgBouncer ($pooler)"
+TEST_PGBOUNCER_URL=$pooler \
+  cargo test --no-fail-fast -p db -p scheduler -p agent-gateway -p realtime-broadcaster \
     -p yard-agent -p job-api -p yard "$@"
