@@ -7,6 +7,7 @@
 
 pub mod agents;
 pub mod audit;
+mod cached;
 mod conn;
 pub mod dispatch;
 mod error;
