@@ -400,6 +400,86 @@ impl Gateway {
         Err(GatewayError::from_db(Some(job), refused))
     }
 
+    /// Acknowledges several assignments in one statement (a session that
+    /// found many acks waiting); returns those started. The rest were
+    /// refused or repeated: the caller takes them one by one
+    /// ([`acknowledge`](Self::acknowledge)) to learn which and why.
+    pub async fn acknowledge_many(
+        &self,
+        ctx: &AgentContext,
+        acks: &[(JobId, u64, Option<TraceContext>)],
+    ) -> GatewayResult<Vec<db::leases::Started>> {
+        let held: Vec<(JobId, u64)> = acks.iter().map(|(job, epoch, _)| (*job, *epoch)).collect();
+        let mut conn = self.conn().await?;
+        let started = db::leases::start_many(&mut conn, ctx.id, &held, self.settings.lease_ttl)
+            .await
+            .map_err(|e| GatewayError::from_db(None, e))?;
+        drop(conn);
+        let done: Vec<(JobId, u32)> = started
+            .iter()
+            .map(|s| (JobId(s.job_id), s.attempt.max(1) as u32))
+            .collect();
+        self.publish_statuses(ctx, acks, &done, JobStatus::Running)
+            .await;
+        Ok(started)
+    }
+
+    /// Records several successes in one statement; returns those recorded.
+    /// The rest go one by one through [`finish`](Self::finish).
+    pub async fn succeed_many(
+        &self,
+        ctx: &AgentContext,
+        results: &[(JobId, u64, Option<i32>, Option<TraceContext>)],
+    ) -> GatewayResult<Vec<db::leases::Succeeded>> {
+        let attempts: Vec<(JobId, u64, Option<i32>)> = results
+            .iter()
+            .map(|(job, epoch, code, _)| (*job, *epoch, *code))
+            .collect();
+        let mut conn = self.conn().await?;
+        let succeeded = db::leases::succeed_many(&mut conn, Some(ctx.id), &attempts)
+            .await
+            .map_err(|e| GatewayError::from_db(None, e))?;
+        drop(conn);
+        let done: Vec<(JobId, u32)> = succeeded
+            .iter()
+            .map(|s| (JobId(s.job_id), s.attempt.max(1) as u32))
+            .collect();
+        let traced: Vec<(JobId, u64, Option<TraceContext>)> = results
+            .iter()
+            .map(|(job, epoch, _, trace)| (*job, *epoch, trace.clone()))
+            .collect();
+        self.publish_statuses(ctx, &traced, &done, JobStatus::Succeeded)
+            .await;
+        Ok(succeeded)
+    }
+
+    /// Publishes `status` for each `done` job, each in a span continuing
+    /// the trace its agent message carried.
+    async fn publish_statuses(
+        &self,
+        ctx: &AgentContext,
+        messages: &[(JobId, u64, Option<TraceContext>)],
+        done: &[(JobId, u32)],
+        status: JobStatus,
+    ) {
+        use tracing::Instrument;
+        let publishes = done.iter().filter_map(|(job, attempt)| {
+            let (_, epoch, trace) = messages.iter().find(|(id, _, _)| id == job)?;
+            let span = tracing::info_span!(
+                "agent_message",
+                job.id = %job,
+                job.epoch = epoch,
+                trace_id = tracing::field::Empty
+            );
+            telemetry::adopt_trace(&span, trace.as_ref());
+            Some(
+                self.publish_status(ctx, *job, *attempt, *epoch, status)
+                    .instrument(span),
+            )
+        });
+        futures_util::future::join_all(publishes).await;
+    }
+
     /// The agent gives the job back: queued again after `delay`, no attempt spent.
     pub async fn release(
         &self,

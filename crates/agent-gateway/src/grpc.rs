@@ -13,7 +13,7 @@ use domain::JobId;
 use domain::agent::AgentProfile;
 use domain::events::{Envelope, Event, LogStream};
 use domain::job::{JobStatus, Labels};
-use futures_util::{Stream, StreamExt};
+use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
@@ -120,6 +120,9 @@ fn bearer(metadata: &tonic::metadata::MetadataMap) -> Result<String, GatewayErro
             "authorization metadata must be `Bearer <agent secret>`",
         ))
 }
+
+/// The most messages a session takes in one go.
+const MAX_BATCH: usize = 256;
 
 fn parse_job(raw: &str) -> Result<JobId, GatewayError> {
     raw.parse()
@@ -443,7 +446,27 @@ impl Session {
                     return End::Status(Status::unavailable("the gateway is shutting down; reconnect"));
                 }
                 message = inbound.message() => match message {
-                    Ok(Some(message)) => self.handle(message).await,
+                    Ok(Some(message)) => {
+                        // Take every message already waiting too, so a
+                        // burst of acks or results costs one statement.
+                        let mut batch = vec![message];
+                        let mut ended = false;
+                        while batch.len() < MAX_BATCH {
+                            match inbound.message().now_or_never() {
+                                Some(Ok(Some(message))) => batch.push(message),
+                                Some(Ok(None) | Err(_)) => {
+                                    ended = true;
+                                    break;
+                                }
+                                None => break,
+                            }
+                        }
+                        let handled = self.handle_batch(batch).await;
+                        if ended && handled.is_ok() {
+                            return End::Gone;
+                        }
+                        handled
+                    }
                     Ok(None) => return End::Gone,
                     Err(status) => {
                         tracing::debug!(error = %status, "agent stream ended");
@@ -477,6 +500,118 @@ impl Session {
                 return end;
             }
         }
+    }
+
+    /// Handles messages that arrived together. Acknowledgements, and then
+    /// successful results, are each recorded in one statement when there
+    /// are several; everything else, and whatever those statements did not
+    /// record, goes through [`handle`](Self::handle) one by one. Acks run
+    /// first and results last, so each job's ack, logs and result keep
+    /// their order.
+    async fn handle_batch(&mut self, batch: Vec<pb::AgentMessage>) -> Result<(), End> {
+        let acks: Vec<(JobId, u64, Option<TraceContext>)> = batch
+            .iter()
+            .filter_map(|m| match &m.msg {
+                Some(AgentMsg::AssignmentAck(ack)) => parse_job(&ack.job_id)
+                    .ok()
+                    .map(|job| (job, ack.epoch, trace_from_pb(ack.trace.as_ref()))),
+                _ => None,
+            })
+            .collect();
+        let successes: Vec<(JobId, u64, Option<i32>, Option<TraceContext>)> = batch
+            .iter()
+            .filter_map(|m| match &m.msg {
+                Some(AgentMsg::Result(result))
+                    if result.outcome == pb::Outcome::Succeeded as i32 =>
+                {
+                    parse_job(&result.job_id).ok().map(|job| {
+                        (
+                            job,
+                            result.epoch,
+                            result.exit_code,
+                            trace_from_pb(result.trace.as_ref()),
+                        )
+                    })
+                }
+                _ => None,
+            })
+            .collect();
+        if acks.len() < 2 && successes.len() < 2 {
+            for message in batch {
+                self.handle(message).await?;
+            }
+            return Ok(());
+        }
+        let mut acks_left = Vec::new();
+        let mut middle = Vec::new();
+        let mut results_left = Vec::new();
+        for message in batch {
+            match &message.msg {
+                Some(AgentMsg::AssignmentAck(_)) if acks.len() >= 2 => acks_left.push(message),
+                Some(AgentMsg::Result(result))
+                    if successes.len() >= 2 && result.outcome == pb::Outcome::Succeeded as i32 =>
+                {
+                    results_left.push(message)
+                }
+                _ => middle.push(message),
+            }
+        }
+        if acks.len() >= 2
+            && let Ok(started) = self.gateway.acknowledge_many(&self.ctx, &acks).await
+        {
+            for lease in &started {
+                tracing::info!(job.id = %lease.job_id, "assignment acknowledged");
+                self.send(ServerMsg::LeaseUpdate(pb::LeaseUpdate {
+                    job_id: lease.job_id.to_string(),
+                    epoch: lease.epoch as u64,
+                    lease_expires_at_unix_ms: lease.lease_expires_at.timestamp_millis(),
+                    cancel_requested: false,
+                }))
+                .await?;
+            }
+            let mut answered: HashSet<(String, u64)> = started
+                .iter()
+                .map(|s| (s.job_id.to_string(), s.epoch as u64))
+                .collect();
+            acks_left.retain(|m| match &m.msg {
+                Some(AgentMsg::AssignmentAck(ack)) => {
+                    !answered.remove(&(ack.job_id.clone(), ack.epoch))
+                }
+                _ => true,
+            });
+        }
+        for message in acks_left.into_iter().chain(middle) {
+            self.handle(message).await?;
+        }
+        if successes.len() >= 2
+            && let Ok(succeeded) = self.gateway.succeed_many(&self.ctx, &successes).await
+        {
+            for done in &succeeded {
+                let epoch = done.epoch as u64;
+                tracing::info!(job.id = %done.job_id, job.epoch = epoch, job.status = "succeeded", "attempt ended");
+                self.send(ServerMsg::ResultAck(pb::ResultAck {
+                    job_id: done.job_id.to_string(),
+                    epoch,
+                    status: JobStatus::Succeeded.as_str().to_owned(),
+                }))
+                .await?;
+            }
+            let mut answered: HashSet<(String, u64)> = succeeded
+                .iter()
+                .map(|s| (s.job_id.to_string(), s.epoch as u64))
+                .collect();
+            // A repeat of a result just recorded is answered on its own.
+            results_left.retain(|m| match &m.msg {
+                Some(AgentMsg::Result(result)) => {
+                    !answered.remove(&(result.job_id.clone(), result.epoch))
+                }
+                _ => true,
+            });
+        }
+        for message in results_left {
+            self.handle(message).await?;
+        }
+        Ok(())
     }
 
     /// Answers a refused write without ending the session.

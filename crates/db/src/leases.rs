@@ -213,6 +213,10 @@ pub async fn extend_leases(
 /// A success just recorded.
 #[derive(Clone, Copy, Debug, PartialEq, QueryableByName)]
 pub struct Succeeded {
+    #[diesel(sql_type = SqlUuid)]
+    pub job_id: Uuid,
+    #[diesel(sql_type = BigInt)]
+    pub epoch: i64,
     /// The number of the attempt that succeeded.
     #[diesel(sql_type = Int4)]
     pub attempt: i32,
@@ -239,34 +243,98 @@ pub async fn succeed_as(
     epoch: u64,
     exit_code: Option<i32>,
 ) -> DbResult<Succeeded> {
-    let done: Option<Succeeded> = diesel::sql_query(
-        "WITH done AS ( \
-            UPDATE jobs SET status = 'succeeded', exit_code = $3, error_kind = NULL, \
-                error_message = NULL, finished_at = now(), lease_expires_at = NULL, \
-                cancel_deadline_at = NULL, updated_at = now() \
-            WHERE id = $1 AND lease_epoch = $2 AND status = ANY($4) \
-              AND ($5::uuid IS NULL OR agent_id = $5) \
-            RETURNING id, lease_epoch, agent_id, leased_at, started_at, \
-                app_failures + infra_failures + 1 AS attempt), \
-         freed AS (DELETE FROM concurrency_slots s USING done WHERE s.job_id = done.id), \
-         recorded AS ( \
-            INSERT INTO attempts (job_id, epoch, attempt, agent_id, leased_at, started_at, outcome, exit_code) \
-            SELECT id, lease_epoch, attempt, agent_id, leased_at, started_at, 'succeeded', $3 FROM done) \
-         SELECT attempt::int4 AS attempt FROM done",
-    )
-    .bind::<SqlUuid, _>(job.as_uuid())
-    .bind::<BigInt, _>(epoch as i64)
-    .bind::<Nullable<Int4>, _>(exit_code)
-    .bind::<Array<Text>, _>(sources(Action::Succeed))
-    .bind::<Nullable<SqlUuid>, _>(holder.map(|agent| agent.as_uuid()))
-    .cached()
-    .get_result(conn)
-    .await
-    .optional()?;
-    match done {
+    let done = succeed_many(conn, holder, &[(job, epoch, exit_code)]).await?;
+    match done.into_iter().next() {
         Some(succeeded) => Ok(succeeded),
         None => Err(explain_refusal(conn, job, Some(epoch), Action::Succeed).await),
     }
+}
+
+/// Records the successes of several attempts in one statement, each as
+/// [`succeed`] does; returns those recorded. An attempt missing from the
+/// result was refused (stale epoch, another holder, or no longer running).
+pub async fn succeed_many(
+    conn: &mut PgConn,
+    holder: Option<AgentId>,
+    attempts: &[(JobId, u64, Option<i32>)],
+) -> DbResult<Vec<Succeeded>> {
+    if attempts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<Uuid> = attempts.iter().map(|(job, _, _)| job.as_uuid()).collect();
+    let epochs: Vec<i64> = attempts.iter().map(|(_, epoch, _)| *epoch as i64).collect();
+    let exit_codes: Vec<Option<i32>> = attempts.iter().map(|(_, _, code)| *code).collect();
+    Ok(diesel::sql_query(
+        "WITH done AS ( \
+            UPDATE jobs j SET status = 'succeeded', exit_code = r.exit_code, error_kind = NULL, \
+                error_message = NULL, finished_at = now(), lease_expires_at = NULL, \
+                cancel_deadline_at = NULL, updated_at = now() \
+            FROM unnest($1::uuid[], $2::int8[], $3::int4[]) AS r(id, epoch, exit_code) \
+            WHERE j.id = r.id AND j.lease_epoch = r.epoch AND j.status = ANY($4) \
+              AND ($5::uuid IS NULL OR j.agent_id = $5) \
+            RETURNING j.id, j.lease_epoch, j.agent_id, j.leased_at, j.started_at, j.exit_code, \
+                j.app_failures + j.infra_failures + 1 AS attempt), \
+         freed AS (DELETE FROM concurrency_slots s USING done WHERE s.job_id = done.id), \
+         recorded AS ( \
+            INSERT INTO attempts (job_id, epoch, attempt, agent_id, leased_at, started_at, outcome, exit_code) \
+            SELECT id, lease_epoch, attempt, agent_id, leased_at, started_at, 'succeeded', exit_code FROM done) \
+         SELECT id AS job_id, lease_epoch AS epoch, attempt::int4 AS attempt FROM done",
+    )
+    .bind::<Array<SqlUuid>, _>(&ids)
+    .bind::<Array<BigInt>, _>(&epochs)
+    .bind::<Array<Nullable<Int4>>, _>(&exit_codes)
+    .bind::<Array<Text>, _>(sources(Action::Succeed))
+    .bind::<Nullable<SqlUuid>, _>(holder.map(|agent| agent.as_uuid()))
+    .cached()
+    .load(conn)
+    .await?)
+}
+
+/// An acknowledgement just recorded by [`start_many`].
+#[derive(Clone, Copy, Debug, PartialEq, QueryableByName)]
+pub struct Started {
+    #[diesel(sql_type = SqlUuid)]
+    pub job_id: Uuid,
+    #[diesel(sql_type = BigInt)]
+    pub epoch: i64,
+    #[diesel(sql_type = Int4)]
+    pub attempt: i32,
+    #[diesel(sql_type = Timestamptz)]
+    pub lease_expires_at: DateTime<Utc>,
+}
+
+/// Acknowledges several of `holder`'s assignments in one statement, each
+/// as [`start_as`] does; returns those started. An assignment missing from
+/// the result was refused or already running.
+pub async fn start_many(
+    conn: &mut PgConn,
+    holder: AgentId,
+    assignments: &[(JobId, u64)],
+    lease_ttl: Duration,
+) -> DbResult<Vec<Started>> {
+    if assignments.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<Uuid> = assignments.iter().map(|(job, _)| job.as_uuid()).collect();
+    let epochs: Vec<i64> = assignments.iter().map(|(_, epoch)| *epoch as i64).collect();
+    Ok(diesel::sql_query(
+        "UPDATE jobs j SET status = 'running', started_at = now(), \
+            lease_expires_at = now() + $4 * interval '1 millisecond', \
+            run_deadline_at = now() + j.run_timeout_ms * interval '1 millisecond', \
+            updated_at = now() \
+         FROM unnest($1::uuid[], $2::int8[]) AS a(id, epoch) \
+         WHERE j.id = a.id AND j.lease_epoch = a.epoch AND j.agent_id = $3 AND j.status = ANY($5) \
+         RETURNING j.id AS job_id, j.lease_epoch AS epoch, \
+            (j.app_failures + j.infra_failures + 1)::int4 AS attempt, j.lease_expires_at",
+    )
+    .bind::<Array<SqlUuid>, _>(&ids)
+    .bind::<Array<BigInt>, _>(&epochs)
+    .bind::<SqlUuid, _>(holder.as_uuid())
+    .bind::<BigInt, _>(millis(lease_ttl))
+    .bind::<Array<Text>, _>(sources(Action::Start))
+    .cached()
+    .load(conn)
+    .await?)
 }
 
 /// How an attempt ended, other than in success.

@@ -2,6 +2,7 @@
 
 use std::time::{Duration, Instant};
 
+use domain::JobId;
 use domain::agent::AgentStatus;
 use domain::events::Event;
 use domain::job::JobStatus;
@@ -689,4 +690,109 @@ async fn grpc_health_and_reflection_answer() {
         names.contains(&"grpc.health.v1.Health".to_owned()),
         "{names:?}"
     );
+}
+
+fn ack(job: JobId, epoch: u64) -> AgentMsg {
+    AgentMsg::AssignmentAck(pb::AssignmentAck {
+        job_id: job.to_string(),
+        epoch,
+        trace: None,
+    })
+}
+
+/// Acks and results sent back to back reach the gateway together and are
+/// recorded in one statement per kind: each still gets its own answer, a
+/// stale one among them is refused, a repeated result changes nothing,
+/// and a job's ack, log and result keep their order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_of_acks_and_results_is_answered_one_by_one() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let bus = bus(redis.url(), redis.prefix());
+    let gateway = start(&db, redis.url(), redis.prefix());
+    let token = registration_token(&db).await;
+    let agent = register(&gateway, &token, "runner-1").await;
+    let mut session = RawSession::open(&gateway.grpc_url(), &agent.secret, vec![]).await;
+    wait_online(&db, agent.id).await;
+
+    let mut jobs = Vec::new();
+    for n in 0..6 {
+        let job = submit(&db, &format!("echo {n}")).await;
+        let lease = offer(&db, &bus, job, agent.id).await;
+        jobs.push((job, lease.epoch as u64));
+    }
+    for _ in 0..jobs.len() {
+        session.assignment().await;
+    }
+
+    for (job, epoch) in &jobs {
+        session.send(ack(*job, *epoch)).await;
+    }
+    let (stale_job, stale_epoch) = (jobs[0].0, jobs[0].1 + 5);
+    session.send(ack(stale_job, stale_epoch)).await;
+    let mut updated = Vec::new();
+    let mut stale = Vec::new();
+    while updated.len() < jobs.len() || stale.is_empty() {
+        match session.next().await {
+            ServerMsg::LeaseUpdate(update) => updated.push((update.job_id, update.epoch)),
+            ServerMsg::Stale(refused) => stale.push((refused.job_id, refused.your_epoch)),
+            _ => {}
+        }
+    }
+    updated.sort();
+    let mut expected: Vec<(String, u64)> = jobs
+        .iter()
+        .map(|(job, epoch)| (job.to_string(), *epoch))
+        .collect();
+    expected.sort();
+    assert_eq!(updated, expected, "one lease update per ack");
+    assert_eq!(stale, [(stale_job.to_string(), stale_epoch)]);
+
+    // The last job logs between its ack and its result, in the same burst.
+    let (logging, logging_epoch) = jobs[5];
+    session
+        .send(chunk(logging, logging_epoch, 0, "last words\n"))
+        .await;
+    for (job, epoch) in &jobs {
+        session.send(result(*job, *epoch, 0)).await;
+    }
+    session.send(result(jobs[1].0, jobs[1].1, 0)).await;
+    let mut answered = Vec::new();
+    while answered.len() < jobs.len() + 1 {
+        if let ServerMsg::ResultAck(done) = session.next().await {
+            assert_eq!(done.status, "succeeded", "{done:?}");
+            answered.push(done.job_id);
+        }
+    }
+    answered.sort();
+    let mut expected: Vec<String> = jobs.iter().map(|(job, _)| job.to_string()).collect();
+    expected.push(jobs[1].0.to_string());
+    expected.sort();
+    assert_eq!(answered, expected, "one answer per result, the repeat too");
+
+    let mut conn = db.conn().await;
+    for (job, epoch) in &jobs {
+        assert_eq!(job_row(&db, *job).await.status(), JobStatus::Succeeded);
+        let attempts: i64 = diesel_async::RunQueryDsl::get_result(
+            diesel::sql_query("SELECT count(*) AS count FROM attempts WHERE job_id = $1")
+                .bind::<diesel::sql_types::Uuid, _>(job.as_uuid()),
+            &mut conn,
+        )
+        .await
+        .map(|row: Count| row.count)
+        .expect("count attempts");
+        assert_eq!(attempts, 1, "job {job} epoch {epoch}: one attempt row");
+    }
+    let stored: Vec<String> = log_lines(&db, logging)
+        .await
+        .into_iter()
+        .map(|(_, line)| line)
+        .collect();
+    assert_eq!(stored, ["last words"], "the log stored before the result");
+}
+
+#[derive(diesel::QueryableByName)]
+struct Count {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    count: i64,
 }

@@ -109,7 +109,7 @@ async fn statements_through_a_transaction_pooler_all_succeed() {
         errors.is_empty(),
         "{} errors, first: {:?}",
         errors.len(),
-        errors.iter().next()
+        errors.as_slice().first()
     );
     assert!(
         backends.len() > 1,
@@ -133,6 +133,6 @@ async fn a_connection_unaware_of_the_pooler_fails_behind_it() {
         errors.iter().any(|e| e.contains("prepared statement")),
         "expected lost prepared statements, got {} errors: {:?}",
         errors.len(),
-        errors.iter().next()
+        errors.as_slice().first()
     );
 }
