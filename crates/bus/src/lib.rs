@@ -111,18 +111,22 @@ impl std::fmt::Debug for BusConfig {
 }
 
 /// `redis://user:secret@host` becomes `redis://user:***@host`, for each
-/// comma-separated URL.
+/// comma-separated URL; any user information without a `user:` part, or
+/// in an entry without a scheme, is hidden whole.
 pub fn redact_urls(urls: &str) -> String {
     urls.split(',')
         .map(|url| {
-            let Some((scheme, rest)) = url.split_once("://") else {
-                return url.to_owned();
+            let (scheme, rest) = match url.split_once("://") {
+                Some((scheme, rest)) => (format!("{scheme}://"), rest),
+                None => (String::new(), url),
             };
             let Some((userinfo, host)) = rest.rsplit_once('@') else {
                 return url.to_owned();
             };
-            let user = userinfo.split_once(':').map_or("", |(user, _)| user);
-            format!("{scheme}://{user}:***@{host}")
+            match userinfo.split_once(':') {
+                Some((user, _)) if !scheme.is_empty() => format!("{scheme}{user}:***@{host}"),
+                _ => format!("{scheme}***@{host}"),
+            }
         })
         .collect::<Vec<_>>()
         .join(",")
@@ -591,6 +595,27 @@ mod tests {
             "sy:scheduler:wake"
         );
         assert_eq!(bus.key("x"), "sy:x");
+    }
+
+    #[test]
+    fn passwords_never_show_in_debug_output() {
+        assert_eq!(
+            redact_urls("redis://:pw1@a:1, rediss://u:pw2@b:2,redis://c:3,pw3@d:4,redis://pw4@e"),
+            "redis://:***@a:1, rediss://u:***@b:2,redis://c:3,***@d:4,redis://***@e"
+        );
+        let config = BusConfig::sentinel("redis://:data-pw@s:26379", "m", "sy:")
+            .with_sentinel_password(Some("sentinel-pw".into()));
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("data-pw") && !shown.contains("sentinel-pw"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn a_sentinel_config_needs_a_sentinel_and_a_master_name() {
+        assert!(Bus::connect(&BusConfig::sentinel(" , ", "m", "sy:")).is_err());
+        assert!(Bus::connect(&BusConfig::sentinel("redis://s:26379", " ", "sy:")).is_err());
     }
 
     #[test]

@@ -228,7 +228,10 @@ impl SentinelPrimary {
     /// connection to a replica; the next probe resolves again.
     pub(crate) async fn check_primary(&self) -> RedisResult<()> {
         let (generation, mut conn) = self.get().await?;
-        let role = match redis::cmd("ROLE").query_async::<redis::Role>(&mut conn).await {
+        let role = match redis::cmd("ROLE")
+            .query_async::<redis::Role>(&mut conn)
+            .await
+        {
             Ok(role) => role,
             Err(error) => {
                 if !matches!(verdict(&error), Verdict::Keep) {

@@ -303,20 +303,19 @@ fn redis_config(
     let sentinel_master = optional(source, "REDIS_SENTINEL_MASTER");
     let sentinel_password = optional(source, "REDIS_SENTINEL_PASSWORD");
     // Every comma-separated address must be a Redis URL, not only the first.
-    if cluster || sentinel_master.is_some() {
-        if let Some(bad) = url
+    if (cluster || sentinel_master.is_some())
+        && let Some(bad) = url
             .split(',')
             .map(str::trim)
             .find(|u| !(u.starts_with("redis://") || u.starts_with("rediss://")))
-        {
-            return Err(ConfigError {
-                variable: "REDIS_URL",
-                problem: format!(
-                    "must list redis:// or rediss:// URLs, comma-separated; got an entry {:?}",
-                    bus::redact_urls(bad)
-                ),
-            });
-        }
+    {
+        return Err(ConfigError {
+            variable: "REDIS_URL",
+            problem: format!(
+                "must list redis:// or rediss:// URLs, comma-separated; got an entry {:?}",
+                bus::redact_urls(bad)
+            ),
+        });
     }
     match (cluster, sentinel_master) {
         (true, Some(_)) => Err(ConfigError {
@@ -346,8 +345,9 @@ fn reject_sentinel_password(password: Option<&str>) -> Result<(), ConfigError> {
     match password {
         Some(_) => Err(ConfigError {
             variable: "REDIS_SENTINEL_PASSWORD",
-            problem: "is set but REDIS_SENTINEL_MASTER is not (set the master name to use Sentinel)"
-                .into(),
+            problem:
+                "is set but REDIS_SENTINEL_MASTER is not (set the master name to use Sentinel)"
+                    .into(),
         }),
         None => Ok(()),
     }
@@ -492,7 +492,10 @@ mod tests {
         let config = CommonConfig::from_source(
             "t",
             &with(&[
-                ("REDIS_URL", "redis://:data-secret@s1:26379, redis://s2:26379"),
+                (
+                    "REDIS_URL",
+                    "redis://:data-secret@s1:26379, redis://s2:26379",
+                ),
                 ("REDIS_SENTINEL_MASTER", "mymaster"),
             ]),
         )

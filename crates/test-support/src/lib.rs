@@ -27,9 +27,7 @@ mod redis_server;
 mod service;
 
 pub use database::{EmptyDb, TestDb};
-pub use redis_server::{
-    RedisServer, SentinelSetup, TestRedis, bus_config, shared_sentinel_master,
-};
+pub use redis_server::{RedisServer, SentinelSetup, TestRedis, bus_config, shared_sentinel_master};
 pub use service::{RunningService, spawn_service};
 
 /// Installs a test log subscriber once (honours `RUST_LOG`; quiet otherwise).

@@ -261,7 +261,10 @@ impl SentinelSetup {
         self.children.push(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis on port {port} did not start");
+            assert!(
+                Instant::now() < deadline,
+                "redis on port {port} did not start"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -19,7 +19,9 @@ use crate::created;
 fn sentinel_enabled(test: &str) -> bool {
     let enabled = test_support::shared_sentinel_master().is_some();
     if !enabled {
-        eprintln!("skipping {test}: TEST_REDIS_SENTINEL_MASTER is not set (scripts/test-topologies.sh sets it)");
+        eprintln!(
+            "skipping {test}: TEST_REDIS_SENTINEL_MASTER is not set (scripts/test-topologies.sh sets it)"
+        );
     }
     enabled
 }
@@ -132,14 +134,20 @@ async fn after_a_failover_the_bus_publishes_on_the_new_primary_and_old_subscript
         while old.next().await.is_some() {}
     })
     .await;
-    assert!(ended.is_ok(), "the subscription on the demoted node did not end");
+    assert!(
+        ended.is_ok(),
+        "the subscription on the demoted node did not end"
+    );
 
     // Within a bounded time, publishing works again (the first command on
     // the killed connection may fail; that loss is what sweeps repair).
     let mut published = Vec::new();
     let deadline = failed_over + Duration::from_secs(10);
     let mut fresh = loop {
-        assert!(Instant::now() < deadline, "the bus did not reach the new primary");
+        assert!(
+            Instant::now() < deadline,
+            "the bus did not reach the new primary"
+        );
         if bus.ping().await.is_ok()
             && let Ok(fresh) = bus.subscribe(std::slice::from_ref(&channel)).await
         {
@@ -220,11 +228,18 @@ async fn readiness_fails_fast_when_no_sentinel_answers() {
         .expect("prepared without connecting");
     let started = Instant::now();
     let error = bus.ping().await.expect_err("no primary");
-    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
     assert!(error.to_string().contains("Sentinel"), "{error}");
     assert!(
-        bus.publish(&Channel::SchedulerWake, &created(&OrgId::parse("acme").expect("org")))
-            .await
-            .is_err()
+        bus.publish(
+            &Channel::SchedulerWake,
+            &created(&OrgId::parse("acme").expect("org"))
+        )
+        .await
+        .is_err()
     );
 }
