@@ -137,6 +137,36 @@ enum Verdict {
     ForgetAndRetry,
 }
 
+/// A raw reply, which may carry a server error such as `READONLY`.
+pub(crate) trait Reply {
+    fn readonly(&self) -> Option<RedisError>;
+}
+
+fn readonly_error(value: &redis::Value) -> Option<RedisError> {
+    match value {
+        redis::Value::ServerError(error)
+            if error.kind() == Some(redis::ServerErrorKind::ReadOnly) =>
+        {
+            Some(error.clone().into())
+        }
+        _ => None,
+    }
+}
+
+impl Reply for redis::Value {
+    fn readonly(&self) -> Option<RedisError> {
+        readonly_error(self)
+    }
+}
+
+/// A pipeline's replies: one `READONLY` among them means the node is a
+/// replica (no write of the pipeline ran there).
+impl Reply for Vec<redis::Value> {
+    fn readonly(&self) -> Option<RedisError> {
+        self.iter().find_map(readonly_error)
+    }
+}
+
 fn verdict(error: &RedisError) -> Verdict {
     if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly) {
         Verdict::ForgetAndRetry
@@ -194,6 +224,7 @@ impl SentinelPrimary {
     /// Runs one request through the primary, applying [`verdict`].
     pub(crate) async fn run<T, F, Fut>(&self, request: F) -> RedisResult<T>
     where
+        T: Reply,
         F: Fn(MultiplexedConnection) -> Fut,
         Fut: std::future::Future<Output = RedisResult<T>>,
     {
@@ -201,7 +232,12 @@ impl SentinelPrimary {
         loop {
             let (generation, conn) = self.get().await?;
             let error = match request(conn).await {
-                Ok(value) => return Ok(value),
+                // An error reply arrives as a value (the caller converts it
+                // later), so READONLY is looked for inside the reply.
+                Ok(reply) => match reply.readonly() {
+                    None => return Ok(reply),
+                    Some(error) => error,
+                },
                 Err(error) => error,
             };
             match verdict(&error) {

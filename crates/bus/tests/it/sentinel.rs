@@ -243,3 +243,88 @@ async fn readiness_fails_fast_when_no_sentinel_answers() {
         .is_err()
     );
 }
+
+/// Runs `REPLICAOF` on the node at `url` (`None`: become a primary).
+async fn replicaof(url: &str, primary_port: Option<u16>) {
+    let mut conn = redis::Client::open(url)
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("data node");
+    let mut cmd = redis::cmd("REPLICAOF");
+    match primary_port {
+        Some(port) => cmd.arg("127.0.0.1").arg(port),
+        None => cmd.arg("NO").arg("ONE"),
+    };
+    let _: () = cmd.query_async(&mut conn).await.expect("REPLICAOF");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_answering_readonly_is_dropped_not_retried() {
+    if !sentinel_enabled("a_node_answering_readonly_is_dropped_not_retried") {
+        return;
+    }
+    let setup = tokio::task::spawn_blocking(|| SentinelSetup::start("readonly-test"))
+        .await
+        .expect("start sentinel setup");
+    let bus = Bus::connect(&setup.bus_config("ro:")).expect("bus");
+    let key = bus.key("k");
+    let set = || async {
+        redis::cmd("SET")
+            .arg(&key)
+            .arg("v")
+            .query_async::<()>(&mut bus.connection())
+            .await
+    };
+    set().await.expect("SET on the primary");
+
+    // Demote the primary by hand, behind the Sentinels' back: unlike a
+    // Sentinel failover this kills no client, so the bus's connection
+    // stays open on a node that now answers READONLY.
+    let primary_port = setup.primary_port().expect("primary");
+    let [a, b] = setup.data_urls();
+    let (primary, replica) = if a.ends_with(&format!(":{primary_port}")) {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    let replica_port: u16 = replica
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    replicaof(&replica, None).await;
+    replicaof(&primary, Some(replica_port)).await;
+
+    // The Sentinels still name the demoted node, and `ROLE` refuses it, so
+    // commands fail; but none is sent to the demoted node again.
+    let mut readonly = 0;
+    for _ in 0..10 {
+        if let Err(error) = set().await
+            && error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+        {
+            eprintln!("answered READONLY: {error}");
+            readonly += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        readonly <= 1,
+        "{readonly} commands answered READONLY: the bus kept using the demoted node"
+    );
+    assert!(bus.ping().await.is_err(), "ready without a primary");
+
+    // Undo, so the Sentinels' view is right again: the bus finds the
+    // primary again with no restart.
+    replicaof(&primary, None).await;
+    replicaof(&replica, Some(primary_port)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while set().await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "no write after the primary came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bus.ping().await.expect("ready again");
+}
