@@ -196,7 +196,7 @@ pub struct SentinelSetup {
     /// The two data nodes: the first starts as primary.
     data_ports: [u16; 2],
     sentinel_ports: [u16; 3],
-    children: Vec<Child>,
+    children: Vec<(u16, Child)>,
 }
 
 impl SentinelSetup {
@@ -258,7 +258,7 @@ impl SentinelSetup {
             .stderr(Stdio::null())
             .spawn()
             .expect("start redis-server (is it installed? `scripts/test.sh` installs it)");
-        self.children.push(child);
+        self.children.push((port, child));
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
@@ -379,6 +379,46 @@ impl SentinelSetup {
         }
     }
 
+    /// Kills the data node on `port` (SIGKILL: no goodbye to anyone), as
+    /// a crashed primary would go.
+    pub fn kill_node(&mut self, port: u16) {
+        if let Some((_, child)) = self.children.iter_mut().find(|(p, _)| *p == port) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits until every Sentinel names a primary other than `old`, and
+    /// returns its port.
+    pub fn wait_for_new_primary(&self, old: u16, within: Duration) -> u16 {
+        let deadline = Instant::now() + within;
+        loop {
+            let named: Option<Vec<u16>> = self
+                .sentinel_ports
+                .iter()
+                .map(|port| {
+                    redis::cmd("SENTINEL")
+                        .arg("GET-MASTER-ADDR-BY-NAME")
+                        .arg(&self.master)
+                        .query::<(String, u16)>(&mut connect(*port).ok()?)
+                        .ok()
+                        .map(|(_, p)| p)
+                })
+                .collect();
+            if let Some(named) = named
+                && named.iter().all(|p| *p != old && *p == named[0])
+            {
+                return named[0];
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the Sentinels named no new primary within {within:?} (see {})",
+                self.dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn settled(&self, old: u16, new: u16) -> redis::RedisResult<bool> {
         for port in self.sentinel_ports {
             let (_, named): (String, u16) = redis::cmd("SENTINEL")
@@ -404,7 +444,7 @@ fn connect(port: u16) -> redis::RedisResult<redis::Connection> {
 
 impl Drop for SentinelSetup {
     fn drop(&mut self) {
-        for child in &mut self.children {
+        for (_, child) in &mut self.children {
             let _ = child.kill();
             let _ = child.wait();
         }

@@ -328,3 +328,51 @@ async fn a_node_answering_readonly_is_dropped_not_retried() {
     }
     bus.ping().await.expect("ready again");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_fails_while_the_primary_is_gone_and_recovers_after_the_sentinels_promote() {
+    if !sentinel_enabled(
+        "readiness_fails_while_the_primary_is_gone_and_recovers_after_the_sentinels_promote",
+    ) {
+        return;
+    }
+    let mut setup = tokio::task::spawn_blocking(|| SentinelSetup::start("crash-test"))
+        .await
+        .expect("start sentinel setup");
+    let bus = Bus::connect(&setup.bus_config("crash:")).expect("bus");
+    bus.ping().await.expect("ready");
+    let old = setup.primary_port().expect("primary");
+    setup.kill_node(old);
+
+    // Not ready, and quickly so, while no primary answers.
+    let started = Instant::now();
+    assert!(bus.ping().await.is_err(), "ready with the primary dead");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    // Ready again once the Sentinels promote the replica: no restart.
+    let setup = std::sync::Arc::new(setup);
+    let waiting = setup.clone();
+    let new = tokio::task::spawn_blocking(move || {
+        waiting.wait_for_new_primary(old, Duration::from_secs(30))
+    })
+    .await
+    .expect("promotion");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(error) = bus.ping().await {
+        assert!(
+            Instant::now() < deadline,
+            "not ready after promoting {new}: {error}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _: () = redis::cmd("SET")
+        .arg(bus.key("k"))
+        .arg("v")
+        .query_async(&mut bus.connection())
+        .await
+        .expect("write on the promoted replica");
+}
