@@ -15,7 +15,7 @@ use db::leases::{Ending, Extended};
 use db::logs::IncomingLine;
 use db::{Db, DbError, PooledConn};
 use domain::agent::{AgentProfile, AgentStatus};
-use domain::events::{Envelope, Event, LogStream};
+use domain::events::{Envelope, Event, LogStream, TraceContext};
 use domain::job::{JobStatus, Labels, Payload};
 use domain::{AgentId, JobId, OrgId};
 use uuid::Uuid;
@@ -60,6 +60,8 @@ pub struct AssignmentView {
     pub run_timeout_ms: Option<u64>,
     pub required_labels: Vec<String>,
     pub repository_id: Option<Uuid>,
+    /// The trace stored with the job, for deliveries without an offer.
+    pub trace: Option<TraceContext>,
 }
 
 impl AssignmentView {
@@ -79,6 +81,7 @@ impl AssignmentView {
             run_timeout_ms: job.run_timeout_ms.map(|ms| ms.max(0) as u64),
             required_labels: job.required_labels.clone(),
             repository_id: job.repository_id,
+            trace: job.trace(),
         }
     }
 }
@@ -366,6 +369,25 @@ impl Gateway {
         epoch: u64,
     ) -> GatewayResult<Job> {
         let mut conn = self.conn().await?;
+        // The guarded update checks epoch and holder itself; only a refusal
+        // needs the row read to say why (or to see a repeated ack).
+        let refused = match db::leases::start_as(
+            &mut conn,
+            Some(ctx.id),
+            job,
+            epoch,
+            self.settings.lease_ttl,
+        )
+        .await
+        {
+            Ok(started) => {
+                drop(conn);
+                self.publish_status(ctx, job, attempt_of(&started), epoch, JobStatus::Running)
+                    .await;
+                return Ok(started);
+            }
+            Err(refused) => refused,
+        };
         let row = self
             .leased_job(&mut conn, ctx, job, epoch, Some("ack"))
             .await?;
@@ -375,12 +397,7 @@ impl Gateway {
         ) {
             return Ok(row);
         }
-        let started = db::leases::start(&mut conn, job, epoch, self.settings.lease_ttl)
-            .await
-            .map_err(|e| GatewayError::from_db(Some(job), e))?;
-        drop(conn);
-        self.publish_status(ctx, &started, JobStatus::Running).await;
-        Ok(started)
+        Err(GatewayError::from_db(Some(job), refused))
     }
 
     /// The agent gives the job back: queued again after `delay`, no attempt spent.
@@ -518,6 +535,20 @@ impl Gateway {
             _ => "result",
         };
         let mut conn = self.conn().await?;
+        // As for acknowledgements: the guarded statement first.
+        let mut refused = None;
+        if let Finish::Succeeded { exit_code } = finish {
+            match db::leases::succeed_as(&mut conn, Some(ctx.id), job, epoch, exit_code).await {
+                Ok(succeeded) => {
+                    drop(conn);
+                    let attempt = succeeded.attempt.max(1) as u32;
+                    self.publish_status(ctx, job, attempt, epoch, JobStatus::Succeeded)
+                        .await;
+                    return Ok(JobStatus::Succeeded);
+                }
+                Err(e) => refused = Some(e),
+            }
+        }
         let row = self
             .leased_job(&mut conn, ctx, job, epoch, Some(kind))
             .await?;
@@ -528,13 +559,9 @@ impl Gateway {
             return Ok(status);
         }
         let ending = match finish {
-            Finish::Succeeded { exit_code } => {
-                db::leases::succeed(&mut conn, job, epoch, exit_code)
-                    .await
-                    .map_err(|e| GatewayError::from_db(Some(job), e))?;
-                drop(conn);
-                self.publish_status(ctx, &row, JobStatus::Succeeded).await;
-                return Ok(JobStatus::Succeeded);
+            Finish::Succeeded { .. } => {
+                let refused = refused.unwrap_or(DbError::Conflict("success refused".into()));
+                return Err(GatewayError::from_db(Some(job), refused));
             }
             Finish::Failed {
                 exit_code,
@@ -577,20 +604,29 @@ impl Gateway {
             .await
             .map_err(|e| GatewayError::from_db(Some(job), e))?;
         drop(conn);
-        self.publish_status(ctx, row, ended.status).await;
+        self.publish_status(ctx, job, attempt_of(row), ended.epoch, ended.status)
+            .await;
         Ok(ended.status)
     }
 
     /// Publishes a status change on the job's and the org's channels, and
-    /// wakes the scheduler when the change freed capacity.
-    async fn publish_status(&self, ctx: &AgentContext, row: &Job, status: JobStatus) {
+    /// wakes the scheduler when the change freed capacity. The publishes go
+    /// out together over the multiplexed connection.
+    async fn publish_status(
+        &self,
+        ctx: &AgentContext,
+        job: JobId,
+        attempt: u32,
+        epoch: u64,
+        status: JobStatus,
+    ) {
         let envelope = Envelope::new(
             ctx.org.clone(),
             Event::JobStatusChanged {
-                job_id: row.job_id(),
+                job_id: job,
                 status,
-                attempt: (row.app_failures + row.infra_failures + 1).max(1) as u32,
-                epoch: row.lease_epoch.max(0) as u64,
+                attempt,
+                epoch,
                 agent_id: Some(ctx.id),
             },
         )
@@ -598,13 +634,19 @@ impl Gateway {
         let Ok(payload) = serde_json::to_string(&envelope) else {
             return;
         };
-        let mut channels = vec![Channel::Job(row.job_id()), Channel::Org(ctx.org.clone())];
+        let mut channels = vec![Channel::Job(job), Channel::Org(ctx.org.clone())];
         if !status.holds_lease() {
             channels.push(Channel::SchedulerWake);
         }
-        for channel in channels {
-            if let Err(error) = self.bus.publish_raw(&channel, payload.clone()).await {
-                tracing::warn!(error = %error, channel = %self.bus.channel_name(&channel),
+        let published = futures_util::future::join_all(
+            channels
+                .iter()
+                .map(|channel| self.bus.publish_raw(channel, payload.clone())),
+        )
+        .await;
+        for (channel, result) in channels.iter().zip(published) {
+            if let Err(error) = result {
+                tracing::warn!(error = %error, channel = %self.bus.channel_name(channel),
                     "event not published; consumers will catch up from PostgreSQL");
             }
         }
@@ -629,6 +671,11 @@ impl Gateway {
     pub fn db_error(job: Option<JobId>, error: DbError) -> GatewayError {
         GatewayError::from_db(job, error)
     }
+}
+
+/// The number of the job's current attempt.
+fn attempt_of(row: &Job) -> u32 {
+    (row.app_failures + row.infra_failures + 1).max(1) as u32
 }
 
 /// Splits a chunk into lines, each with the byte offset just past its end

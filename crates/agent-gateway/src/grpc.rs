@@ -419,9 +419,16 @@ impl Session {
     ) -> Result<(), End> {
         if self.offered.insert((view.job_id, view.epoch)) {
             tracing::info!(job.id = %view.job_id, job.epoch = view.epoch, agent.id = %self.ctx.id, "assignment delivered");
-            // The current span continues the job's trace when the offer
-            // carried one (a redelivery only has the session's).
-            let trace = telemetry::current_trace_context().or_else(|| offered.cloned());
+            let trace = match offered {
+                // The current span continues the offer's trace; with no
+                // span recording, the offer's context is passed on as is.
+                Some(offered) => {
+                    telemetry::current_trace_context().or_else(|| Some(offered.clone()))
+                }
+                // A redelivery continues the trace stored with the job,
+                // not the session's.
+                None => view.trace.clone().or_else(telemetry::current_trace_context),
+            };
             self.send(ServerMsg::Assignment(assignment_message(&view, trace)))
                 .await?;
         }

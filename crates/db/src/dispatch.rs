@@ -23,6 +23,7 @@ use domain::scheduling::{AgentOffer, Candidate, Limits, order, plan};
 use domain::{AgentId, JobId, OrgId, RepositoryId};
 use uuid::Uuid;
 
+use crate::cached::CacheStatement;
 use crate::{DbResult, PgConn};
 
 /// Dispatch settings.
@@ -98,6 +99,7 @@ pub async fn orgs_with_work(conn: &mut PgConn) -> DbResult<Vec<OrgId>> {
          WHERE a.status = 'online' AND EXISTS ( \
            SELECT 1 FROM jobs j WHERE j.org_id = a.org_id AND j.status = 'queued' AND j.run_at <= now())",
     )
+    .cached()
     .load(conn)
     .await?;
     Ok(rows
@@ -134,6 +136,7 @@ pub async fn agent_offers(conn: &mut PgConn, org: &OrgId) -> DbResult<Vec<AgentO
          WHERE a.org_id = $1 AND a.status = 'online' AND a.capacity - COALESCE(l.held, 0) > 0",
     )
     .bind::<Text, _>(org.as_str())
+    .cached()
     .load(conn)
     .await?;
     Ok(rows
@@ -190,6 +193,7 @@ pub async fn limits(
          WHERE org_id = $1 AND status IN ('leased', 'running', 'cancel_requested')",
     )
     .bind::<Text, _>(org.as_str())
+    .cached()
     .load(conn)
     .await?;
     let keys: Vec<KeyRow> = diesel::sql_query(
@@ -197,6 +201,7 @@ pub async fn limits(
          WHERE org_id = $1 GROUP BY key",
     )
     .bind::<Text, _>(org.as_str())
+    .cached()
     .load(conn)
     .await?;
     let mut limits = Limits {
@@ -291,6 +296,7 @@ pub async fn candidates(conn: &mut PgConn, org: &OrgId, heads: i64) -> DbResult<
     let rows: Vec<CandidateRow> = diesel::sql_query(sql)
         .bind::<Text, _>(org.as_str())
         .bind::<BigInt, _>(heads)
+        .cached()
         .load(conn)
         .await?;
     Ok(rows.into_iter().map(CandidateRow::into_candidate).collect())
@@ -325,6 +331,7 @@ pub async fn queued_candidates(
     ))
     .bind::<Text, _>(org.as_str())
     .bind::<BigInt, _>(limit)
+    .cached()
     .load(conn)
     .await?;
     Ok(rows.into_iter().map(CandidateRow::into_candidate).collect())
@@ -356,6 +363,7 @@ async fn lease_batch(
     .bind::<Array<SqlUuid>, _>(&jobs)
     .bind::<Array<SqlUuid>, _>(&agents)
     .bind::<BigInt, _>(ack_timeout.as_millis().min(i64::MAX as u128) as i64)
+    .cached()
     .load(conn)
     .await?;
     let mut slot_jobs = Vec::new();
@@ -386,6 +394,7 @@ async fn lease_batch(
         .bind::<Array<Int4>, _>(&slot_numbers)
         .bind::<Array<SqlUuid>, _>(&slot_jobs)
         .bind::<Array<BigInt>, _>(&slot_epochs)
+        .cached()
         .execute(conn)
         .await?;
     }
@@ -416,6 +425,7 @@ pub async fn dispatch_org(
             diesel::sql_query("SELECT pg_try_advisory_xact_lock($1, hashtext($2)) AS locked")
                 .bind::<Int4, _>(DISPATCH_LOCK_NAMESPACE)
                 .bind::<Text, _>(org.as_str())
+                .cached()
                 .get_result(conn)
                 .await?;
         if !lock.locked {

@@ -58,11 +58,24 @@ pub struct Job {
     pub queued_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
+    /// The creating request's W3C trace context.
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
 }
 
 impl Job {
     pub fn job_id(&self) -> JobId {
         JobId(self.id)
+    }
+
+    /// The trace the job's life continues.
+    pub fn trace(&self) -> Option<domain::events::TraceContext> {
+        self.traceparent
+            .clone()
+            .map(|traceparent| domain::events::TraceContext {
+                traceparent,
+                tracestate: self.tracestate.clone(),
+            })
     }
 
     pub fn status(&self) -> JobStatus {

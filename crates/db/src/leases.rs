@@ -19,6 +19,7 @@ use domain::state::{Action, AfterFailure, Lifecycle};
 use domain::{AgentId, JobId, OrgId};
 use uuid::Uuid;
 
+use crate::cached::CacheStatement;
 use crate::jobs::{Job, explain_refusal};
 use crate::schema::jobs;
 use crate::{DbError, DbResult, PgConn};
@@ -69,6 +70,7 @@ pub async fn lease_job(
         .bind::<SqlUuid, _>(agent.as_uuid())
         .bind::<BigInt, _>(millis(ack_timeout))
         .bind::<Array<Text>, _>(sources(Action::Lease))
+        .cached()
         .get_result(conn)
         .await
         .optional()?;
@@ -82,6 +84,7 @@ pub async fn lease_job(
              FROM jobs WHERE id = $1 AND concurrency_key IS NOT NULL",
         )
         .bind::<SqlUuid, _>(job.as_uuid())
+        .cached()
         .execute(conn)
         .await?;
         let slot_taken = diesel::sql_query(
@@ -95,6 +98,7 @@ pub async fn lease_job(
              ON CONFLICT DO NOTHING",
         )
         .bind::<SqlUuid, _>(job.as_uuid())
+        .cached()
         .execute(conn)
         .await?;
         let needs_slot: bool = jobs::table
@@ -118,10 +122,27 @@ pub async fn start(
     epoch: u64,
     lease_ttl: Duration,
 ) -> DbResult<Job> {
-    let updated: Option<Job> = diesel::update(jobs::table)
+    start_as(conn, None, job, epoch, lease_ttl).await
+}
+
+/// [`start`], and only if `holder` (when given) holds the lease: an agent's
+/// acknowledgement needs no separate check of whose job it is.
+pub async fn start_as(
+    conn: &mut PgConn,
+    holder: Option<AgentId>,
+    job: JobId,
+    epoch: u64,
+    lease_ttl: Duration,
+) -> DbResult<Job> {
+    let mut update = diesel::update(jobs::table)
         .filter(jobs::id.eq(job.as_uuid()))
         .filter(jobs::lease_epoch.eq(epoch as i64))
         .filter(jobs::status.eq_any(sources(Action::Start)))
+        .into_boxed();
+    if let Some(agent) = holder {
+        update = update.filter(jobs::agent_id.eq(agent.as_uuid()));
+    }
+    let updated: Option<Job> = update
         .set((
             jobs::status.eq(JobStatus::Running.as_str()),
             jobs::started_at.eq(diesel::dsl::now),
@@ -135,6 +156,7 @@ pub async fn start(
             jobs::updated_at.eq(diesel::dsl::now),
         ))
         .returning(Job::as_returning())
+        .cached()
         .get_result(conn)
         .await
         .optional()?;
@@ -183,18 +205,17 @@ pub async fn extend_leases(
     .bind::<Array<BigInt>, _>(&epochs)
     .bind::<SqlUuid, _>(agent.as_uuid())
     .bind::<BigInt, _>(millis(lease_ttl))
+    .cached()
     .load(conn)
     .await?)
 }
 
-#[derive(QueryableByName)]
-struct Finished {
-    #[diesel(sql_type = SqlUuid)]
-    #[expect(
-        dead_code,
-        reason = "RETURNING needs a column; the row count is what matters"
-    )]
-    id: Uuid,
+/// A success just recorded.
+#[derive(Clone, Copy, Debug, PartialEq, QueryableByName)]
+pub struct Succeeded {
+    /// The number of the attempt that succeeded.
+    #[diesel(sql_type = Int4)]
+    pub attempt: i32,
 }
 
 /// Records success in one statement: the job, its attempt row and its
@@ -205,29 +226,45 @@ pub async fn succeed(
     epoch: u64,
     exit_code: Option<i32>,
 ) -> DbResult<()> {
-    let done: Option<Finished> = diesel::sql_query(
+    succeed_as(conn, None, job, epoch, exit_code)
+        .await
+        .map(drop)
+}
+
+/// [`succeed`], and only if `holder` (when given) holds the lease.
+pub async fn succeed_as(
+    conn: &mut PgConn,
+    holder: Option<AgentId>,
+    job: JobId,
+    epoch: u64,
+    exit_code: Option<i32>,
+) -> DbResult<Succeeded> {
+    let done: Option<Succeeded> = diesel::sql_query(
         "WITH done AS ( \
             UPDATE jobs SET status = 'succeeded', exit_code = $3, error_kind = NULL, \
                 error_message = NULL, finished_at = now(), lease_expires_at = NULL, \
                 cancel_deadline_at = NULL, updated_at = now() \
             WHERE id = $1 AND lease_epoch = $2 AND status = ANY($4) \
+              AND ($5::uuid IS NULL OR agent_id = $5) \
             RETURNING id, lease_epoch, agent_id, leased_at, started_at, \
                 app_failures + infra_failures + 1 AS attempt), \
          freed AS (DELETE FROM concurrency_slots s USING done WHERE s.job_id = done.id), \
          recorded AS ( \
             INSERT INTO attempts (job_id, epoch, attempt, agent_id, leased_at, started_at, outcome, exit_code) \
             SELECT id, lease_epoch, attempt, agent_id, leased_at, started_at, 'succeeded', $3 FROM done) \
-         SELECT id FROM done",
+         SELECT attempt::int4 AS attempt FROM done",
     )
     .bind::<SqlUuid, _>(job.as_uuid())
     .bind::<BigInt, _>(epoch as i64)
     .bind::<Nullable<Int4>, _>(exit_code)
     .bind::<Array<Text>, _>(sources(Action::Succeed))
+    .bind::<Nullable<SqlUuid>, _>(holder.map(|agent| agent.as_uuid()))
+    .cached()
     .get_result(conn)
     .await
     .optional()?;
     match done {
-        Some(_) => Ok(()),
+        Some(succeeded) => Ok(succeeded),
         None => Err(explain_refusal(conn, job, Some(epoch), Action::Succeed).await),
     }
 }
@@ -365,6 +402,7 @@ pub async fn end_attempt(
         }
         diesel::sql_query("DELETE FROM concurrency_slots WHERE job_id = $1")
             .bind::<SqlUuid, _>(job.as_uuid())
+            .cached()
             .execute(conn)
             .await?;
         write_lifecycle(conn, job, &next, retry_at, now).await?;
@@ -432,6 +470,7 @@ async fn record_attempt(
     .bind::<Nullable<Int4>, _>(exit_code)
     .bind::<Nullable<Text>, _>(error_kind)
     .bind::<Nullable<Text>, _>(message)
+    .cached()
     .execute(conn)
     .await?;
     Ok(())

@@ -7,6 +7,8 @@
 
 pub mod agents;
 pub mod audit;
+mod cached;
+mod conn;
 pub mod dispatch;
 mod error;
 pub mod jobs;
@@ -22,7 +24,7 @@ pub mod secrets;
 pub mod sessions;
 pub mod sweeps;
 
-pub use diesel_async::AsyncPgConnection as PgConn;
+pub use conn::PgConn;
 pub use error::DbError;
 pub use migrations::{MIGRATIONS, migrations_fingerprint, run_migrations};
 pub use pool::{Db, PoolConfig, PooledConn};

@@ -10,6 +10,7 @@ use diesel_async::{AsyncConnection, RunQueryDsl};
 use domain::events::{LogLine, LogStream};
 use domain::{DomainError, JobId};
 
+use crate::cached::CacheStatement;
 use crate::schema::{job_log_heads, job_logs, jobs};
 use crate::{DbError, DbResult, PgConn};
 
@@ -146,6 +147,7 @@ pub async fn append(
             .bind::<Array<Text>, _>(stored.iter().map(|l| l.stream.as_str()).collect::<Vec<_>>())
             .bind::<Array<Timestamptz>, _>(stored.iter().map(|l| l.at).collect::<Vec<_>>())
             .bind::<Array<Text>, _>(stored.iter().map(|l| l.line.as_str()).collect::<Vec<_>>())
+            .cached()
             .execute(conn)
             .await?;
         }

@@ -8,6 +8,8 @@
 //! | `DATABASE_URL` | required | all |
 //! | `DATABASE_POOL_SIZE` | `16` | all |
 //! | `DATABASE_ACQUIRE_TIMEOUT_MS` | `5000` | all |
+//! | `DATABASE_TRANSACTION_POOLING` | `false` | all |
+//! | `DATABASE_MIGRATION_URL` | `DATABASE_URL` | all |
 //! | `REDIS_URL` | required | all |
 //! | `REDIS_KEY_PREFIX` | `sy:` | all |
 //! | `REDIS_CLUSTER` | `false` | all |
@@ -56,6 +58,8 @@ pub const VARIABLES: &[&str] = &[
     "DATABASE_URL",
     "DATABASE_POOL_SIZE",
     "DATABASE_ACQUIRE_TIMEOUT_MS",
+    "DATABASE_TRANSACTION_POOLING",
+    "DATABASE_MIGRATION_URL",
     "REDIS_URL",
     "REDIS_KEY_PREFIX",
     "REDIS_CLUSTER",
@@ -384,6 +388,15 @@ impl CommonConfig {
         }
         database.acquire_timeout =
             Duration::from_millis(parsed(source, "DATABASE_ACQUIRE_TIMEOUT_MS", 5_000u64)?);
+        database.transaction_pooling = flag(source, "DATABASE_TRANSACTION_POOLING")?;
+        if optional(source, "DATABASE_MIGRATION_URL").is_some() {
+            database.migration_url = Some(url_with_scheme(
+                source,
+                "DATABASE_MIGRATION_URL",
+                &["postgres", "postgresql"],
+                "",
+            )?);
+        }
         let redis_url = url_with_scheme(
             source,
             "REDIS_URL",
@@ -577,6 +590,29 @@ mod tests {
         .expect_err("fails");
         assert_eq!(error.variable, "REDIS_URL");
         assert!(error.problem.contains("s2:26379"), "{error}");
+    }
+
+    #[test]
+    fn a_transaction_pooler_takes_migrations_elsewhere() {
+        let config = CommonConfig::from_source("t", &env(&MINIMAL)).expect("valid");
+        assert!(!config.database.transaction_pooling);
+        assert_eq!(config.database.migration_url(), config.database.url);
+
+        let mut pairs = MINIMAL.to_vec();
+        pairs.push(("DATABASE_TRANSACTION_POOLING", "true"));
+        pairs.push(("DATABASE_MIGRATION_URL", "postgres://u@primary/db"));
+        let config = CommonConfig::from_source("t", &env(&pairs)).expect("valid");
+        assert!(config.database.transaction_pooling);
+        assert_eq!(config.database.migration_url(), "postgres://u@primary/db");
+
+        let mut pairs = MINIMAL.to_vec();
+        pairs.push(("DATABASE_MIGRATION_URL", "primary:5432"));
+        assert_eq!(
+            CommonConfig::from_source("t", &env(&pairs))
+                .expect_err("fails")
+                .variable,
+            "DATABASE_MIGRATION_URL"
+        );
     }
 
     #[test]

@@ -80,7 +80,7 @@ where
         let service = config.common().telemetry.service_name;
         let migrate_only = matches!(cli.command, Some(Command::Migrate));
         if migrate_only || cli.migrate || config.common().migrate_on_start {
-            match db::run_migrations(&config.common().database.url).await {
+            match db::run_migrations(config.common().database.migration_url()).await {
                 Ok(applied) => tracing::info!(applied, "database migrations up to date"),
                 Err(error) => {
                     tracing::error!(error = %error, "migration failed");

@@ -10,12 +10,27 @@ fn admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
+/// `TEST_PGBOUNCER_URL`: a PgBouncer in transaction pooling mode in front
+/// of the `TEST_DATABASE_URL` server, serving every database (`*`). When set,
+/// tests and the services they start reach their database through it, as
+/// `DATABASE_TRANSACTION_POOLING=true` deployments do; creating, migrating
+/// and dropping databases still go to PostgreSQL directly.
+fn pooler_url() -> Option<String> {
+    std::env::var("TEST_PGBOUNCER_URL")
+        .ok()
+        .filter(|url| !url.is_empty())
+}
+
 /// `admin_url` with its database name replaced.
 fn url_for(database: &str) -> String {
-    let admin = admin_url();
-    let (base, query) = match admin.split_once('?') {
+    with_database(&admin_url(), database)
+}
+
+/// `url` with its database name replaced.
+fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.split_once('?') {
         Some((base, query)) => (base.to_owned(), Some(query.to_owned())),
-        None => (admin.clone(), None),
+        None => (url.to_owned(), None),
     };
     let prefix = base
         .rsplit_once('/')
@@ -88,6 +103,8 @@ async fn ensure_template() -> String {
 pub struct TestDb {
     name: String,
     url: String,
+    direct_url: String,
+    transaction_pooling: bool,
     db: db::Db,
 }
 
@@ -105,19 +122,56 @@ impl TestDb {
         .execute(&mut admin)
         .await
         .expect("clone template");
-        let url = url_for(&name);
+        let direct_url = url_for(&name);
+        let pooler = pooler_url();
+        let url = pooler
+            .as_deref()
+            .map_or_else(|| direct_url.clone(), |pooler| with_database(pooler, &name));
         let mut config = db::PoolConfig::new(&url);
         config.max_size = 8;
+        config.transaction_pooling = pooler.is_some();
+        config.migration_url = Some(direct_url.clone());
         let db = db::Db::connect(&config).expect("pool");
-        Self { name, url, db }
+        Self {
+            name,
+            url,
+            direct_url,
+            transaction_pooling: config.transaction_pooling,
+            db,
+        }
     }
 
     pub fn db(&self) -> &db::Db {
         &self.db
     }
 
+    /// Where services reach this database: through the pooler when
+    /// `TEST_PGBOUNCER_URL` is set.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// PostgreSQL itself, for what cannot go through a transaction pooler.
+    pub fn direct_url(&self) -> &str {
+        &self.direct_url
+    }
+
+    /// Whether [`url`](Self::url) is a transaction pooler.
+    pub fn transaction_pooling(&self) -> bool {
+        self.transaction_pooling
+    }
+
+    /// The `DATABASE_*` environment a service process needs to use this
+    /// database the way [`url`](Self::url) reaches it.
+    pub fn env_vars(&self) -> [(&'static str, String); 3] {
+        [
+            ("DATABASE_URL", self.url.clone()),
+            (
+                "DATABASE_TRANSACTION_POOLING",
+                self.transaction_pooling.to_string(),
+            ),
+            ("DATABASE_MIGRATION_URL", self.direct_url.clone()),
+        ]
     }
 
     pub async fn conn(&self) -> db::PooledConn {

@@ -20,6 +20,9 @@
 //! With `TEST_REDIS_SENTINEL_MASTER=<name>`, `TEST_REDIS_URL` lists
 //! Sentinels (comma-separated) and the shared Redis is the primary they
 //! name. A [`RedisServer`] is always a single Redis.
+//! With `TEST_PGBOUNCER_URL` (a PgBouncer in transaction pooling mode in
+//! front of that server, `scripts/pgbouncer.sh`), every test database is
+//! reached through the pooler.
 
 mod database;
 pub mod ops_checks;
@@ -52,8 +55,11 @@ pub fn common_config(
     redis_url: &str,
     redis_prefix: &str,
 ) -> service_kit::config::CommonConfig {
+    let [url, pooling, migration_url] = db.env_vars();
     let vars = [
-        ("DATABASE_URL", db.url().to_owned()),
+        url,
+        pooling,
+        migration_url,
         ("DATABASE_POOL_SIZE", "8".to_owned()),
         ("REDIS_URL", redis_url.to_owned()),
         ("REDIS_KEY_PREFIX", redis_prefix.to_owned()),

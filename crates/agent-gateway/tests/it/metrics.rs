@@ -1,5 +1,7 @@
 //! The gateway's `/metrics` move with what agents do.
 
+use std::time::Duration;
+
 use service_kit::ops::{sample, sum};
 use test_support::{TestDb, TestRedis};
 use yard_proto::v1 as pb;
@@ -35,11 +37,21 @@ async fn connected_agents_log_lines_and_stale_writes_are_counted() {
 
     let mut session = RawSession::open(&gateway.grpc_url(), &agent.secret, vec![]).await;
     wait_online(&db, agent.id).await;
-    let open = scrape(&gateway).await;
-    assert_eq!(
-        sample(&open, "switchyard_gateway_connected_agents"),
-        Some(1.0)
-    );
+    // The session counts itself once its opening finished, which may be
+    // just after the agent row says online.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let open = scrape(&gateway).await;
+        let connected = sample(&open, "switchyard_gateway_connected_agents");
+        if connected == Some(1.0) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "connected agents stayed at {connected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let job = submit(&db, "echo hello").await;
     offer(&db, &bus, job, agent.id).await;

@@ -212,6 +212,15 @@ pub fn command_job(command: &str) -> NewJob {
 
 /// Submits a job (what job-api does).
 pub async fn submit(db: &TestDb, command: &str) -> JobId {
+    submit_in_trace(db, command, None).await
+}
+
+/// [`submit`], the job created in `trace` (as job-api stores a request's).
+pub async fn submit_in_trace(
+    db: &TestDb,
+    command: &str,
+    trace: Option<&domain::events::TraceContext>,
+) -> JobId {
     let mut conn = db.conn().await;
     let settings = OrgSettings::default();
     let ctx = db::jobs::CreateContext {
@@ -219,7 +228,7 @@ pub async fn submit(db: &TestDb, command: &str) -> JobId {
         settings: &settings,
         created_by: Some("tester"),
         request_id: None,
-        trace: None,
+        trace,
     };
     db::jobs::create_jobs(&mut conn, &ctx, &[command_job(command)], None)
         .await

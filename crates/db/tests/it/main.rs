@@ -13,5 +13,6 @@ mod leases;
 mod logs;
 mod migrations;
 mod orgs;
+mod pooler;
 mod repositories;
 mod support;

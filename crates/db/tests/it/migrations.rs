@@ -1,9 +1,9 @@
 //! Embedded migrations: idempotent, and safe to run from several replicas
 //! at once.
 
+use db::PgConn;
 use diesel::migration::MigrationSource;
 use diesel::pg::Pg;
-use diesel_async::{AsyncConnection, AsyncPgConnection};
 use test_support::{EmptyDb, TestDb};
 
 use crate::support;
@@ -18,7 +18,9 @@ fn migration_count() -> usize {
 async fn migrating_an_already_migrated_database_applies_nothing() {
     let test_db = TestDb::new().await;
 
-    let applied = db::run_migrations(test_db.url()).await.expect("migrate");
+    let applied = db::run_migrations(test_db.direct_url())
+        .await
+        .expect("migrate");
 
     assert_eq!(applied, 0);
 }
@@ -41,9 +43,7 @@ async fn concurrent_migrators_apply_each_migration_exactly_once() {
     );
     assert_eq!(a + b, expected, "applied {a} + {b}");
     assert!(a == 0 || b == 0, "one migrator found nothing left to do");
-    let mut conn = AsyncPgConnection::establish(empty.url())
-        .await
-        .expect("connect");
+    let mut conn = PgConn::connect(empty.url()).await.expect("connect");
     assert_eq!(
         support::count(
             &mut conn,

@@ -184,6 +184,7 @@ pub async fn exec(conn: &mut PgConn, sql: &str) -> usize {
 /// other on separate connections.
 pub fn pool(test_db: &TestDb, max_size: usize) -> db::Db {
     let mut config = db::PoolConfig::new(test_db.url());
+    config.transaction_pooling = test_db.transaction_pooling();
     config.max_size = max_size;
     config.acquire_timeout = Duration::from_secs(20);
     db::Db::connect(&config).expect("pool")

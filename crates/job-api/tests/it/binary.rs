@@ -33,7 +33,7 @@ async fn migrate_subcommand_applies_nothing_twice_and_exits_zero() {
     let output = Command::new(BINARY)
         .arg("migrate")
         .env("AUTH_HS256_SECRET", "binary-test-secret")
-        .env("DATABASE_URL", db.url())
+        .envs(db.env_vars())
         .env("REDIS_URL", "redis://127.0.0.1:6379")
         .env("LOG_FORMAT", "json")
         .output()
@@ -56,7 +56,7 @@ async fn sigterm_drains_and_exits_zero() {
     let redis = TestRedis::new();
     let port = free_port();
     let mut child = Command::new(BINARY)
-        .env("DATABASE_URL", db.url())
+        .envs(db.env_vars())
         .env("REDIS_URL", redis.url())
         .env("REDIS_CLUSTER", redis.is_cluster().to_string())
         .env("REDIS_SENTINEL_MASTER", redis.sentinel_master())

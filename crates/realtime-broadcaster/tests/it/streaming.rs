@@ -215,7 +215,7 @@ async fn a_client_resumes_after_the_broadcaster_process_is_killed() {
     let spawn = || {
         std::process::Command::new(env!("CARGO_BIN_EXE_realtime-broadcaster"))
             .env_clear()
-            .env("DATABASE_URL", db.url())
+            .envs(db.env_vars())
             .env("DATABASE_POOL_SIZE", "4")
             .env("REDIS_URL", redis.url())
             .env("REDIS_CLUSTER", redis.is_cluster().to_string())

@@ -17,7 +17,7 @@ fn start_process(db: &TestDb, redis: &TestRedis) -> Child {
         .expect("port")
         .port();
     Command::new(env!("CARGO_BIN_EXE_scheduler"))
-        .env("DATABASE_URL", db.url())
+        .envs(db.env_vars())
         .env("REDIS_URL", redis.url())
         .env("REDIS_CLUSTER", redis.is_cluster().to_string())
         .env("REDIS_SENTINEL_MASTER", redis.sentinel_master())

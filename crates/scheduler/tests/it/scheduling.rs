@@ -182,7 +182,7 @@ async fn a_concurrency_key_never_exceeds_its_slots() {
     let peak = Arc::new(AtomicI64::new(0));
     let sampling = tokio_util::sync::CancellationToken::new();
     let sampler = tokio::spawn({
-        let url = db.url().to_owned();
+        let url = db.direct_url().to_owned();
         let peak = peak.clone();
         let sampling = sampling.clone();
         async move {
