@@ -1,11 +1,13 @@
 //! Redis Sentinel: finding the current primary and keeping the bus on it.
 //!
 //! Every connection the bus opens under [`Topology::Sentinel`](crate::Topology)
-//! asks the Sentinels for the primary first (the `redis` crate's
-//! `SentinelClient`: each Sentinel's view, then `ROLE` on the named node to
-//! confirm it really is a primary, since a Sentinel can lag behind a
-//! failover). Nothing remembers the address between connections, so after a
-//! failover every reconnect lands on the new primary.
+//! asks the Sentinels for the primary first, through the `redis` crate's
+//! `SentinelClient`: it asks the Sentinels for their masters
+//! (`SENTINEL MASTERS`, up to three at once, answers taken in the configured
+//! order), skips a master flagged down, and confirms with `ROLE` on the
+//! named node that it really is a primary, since a Sentinel can lag behind
+//! a failover. Nothing remembers the address between connections, so after
+//! a failover every reconnect lands on the new primary.
 //!
 //! A connection is given up, and the next command resolves again, when it
 //! breaks (I/O error, timeout) or when its node answers `READONLY`: the node
