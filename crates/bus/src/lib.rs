@@ -5,8 +5,15 @@
 //! Every key and channel starts with the configured prefix
 //! (`REDIS_KEY_PREFIX`), so several deployments, or parallel tests, can
 //! share one Redis.
+//!
+//! Three deployments are spoken ([`Topology`]): one Redis, Redis Cluster
+//! (sharded pub/sub) and Redis Sentinel (every connection asks the
+//! Sentinels for the current primary, so the bus follows a failover).
 
 pub mod metrics;
+mod sentinel;
+
+pub use sentinel::SentinelPrimary;
 
 use std::time::Duration;
 
@@ -62,18 +69,67 @@ pub enum Topology {
     /// `SSUBSCRIBE`), so each channel lives on the shard owning its slot
     /// instead of being broadcast to every node.
     Cluster,
+    /// Redis Sentinel: the URL lists Sentinels, which name the current
+    /// primary of `master`; every connection (commands, publishes,
+    /// subscriptions, readiness) asks them before connecting, so after a
+    /// failover reconnects land on the new primary.
+    Sentinel { master: String },
 }
 
 /// Connection settings.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct BusConfig {
     /// For [`Topology::Single`] one URL; for [`Topology::Cluster`] one or
-    /// more seed nodes, comma-separated.
+    /// more seed nodes, comma-separated; for [`Topology::Sentinel`] one or
+    /// more Sentinels, comma-separated, whose password, database and TLS
+    /// settings are those of the data nodes.
     pub url: String,
     pub topology: Topology,
     pub prefix: String,
     /// Per-command timeout; also bounds how long a readiness probe waits.
     pub command_timeout: Duration,
+    /// [`Topology::Sentinel`] only: the Sentinels' own password, when they
+    /// require one (the data nodes' comes from the URLs).
+    pub sentinel_password: Option<String>,
+}
+
+/// Passwords (in URLs and the Sentinels') are shown as `***`, so a logged
+/// configuration leaks no secret.
+impl std::fmt::Debug for BusConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BusConfig")
+            .field("url", &redact_urls(&self.url))
+            .field("topology", &self.topology)
+            .field("prefix", &self.prefix)
+            .field("command_timeout", &self.command_timeout)
+            .field(
+                "sentinel_password",
+                &self.sentinel_password.as_ref().map(|_| "***"),
+            )
+            .finish()
+    }
+}
+
+/// `redis://user:secret@host` becomes `redis://user:***@host`, for each
+/// comma-separated URL; any user information without a `user:` part, or
+/// in an entry without a scheme, is hidden whole.
+pub fn redact_urls(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| {
+            let (scheme, rest) = match url.split_once("://") {
+                Some((scheme, rest)) => (format!("{scheme}://"), rest),
+                None => (String::new(), url),
+            };
+            let Some((userinfo, host)) = rest.rsplit_once('@') else {
+                return url.to_owned();
+            };
+            match userinfo.split_once(':') {
+                Some((user, _)) if !scheme.is_empty() => format!("{scheme}{user}:***@{host}"),
+                _ => format!("{scheme}***@{host}"),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 impl BusConfig {
@@ -83,6 +139,7 @@ impl BusConfig {
             topology: Topology::Single,
             prefix: prefix.into(),
             command_timeout: Duration::from_secs(1),
+            sentinel_password: None,
         }
     }
 
@@ -92,6 +149,27 @@ impl BusConfig {
             topology: Topology::Cluster,
             ..Self::new(seeds, prefix)
         }
+    }
+
+    /// Redis behind Sentinels: `sentinels` (comma-separated URLs) name the
+    /// current primary of `master`.
+    pub fn sentinel(
+        sentinels: impl Into<String>,
+        master: impl Into<String>,
+        prefix: impl Into<String>,
+    ) -> Self {
+        Self {
+            topology: Topology::Sentinel {
+                master: master.into(),
+            },
+            ..Self::new(sentinels, prefix)
+        }
+    }
+
+    /// The Sentinels' own password ([`Topology::Sentinel`] only).
+    pub fn with_sentinel_password(mut self, password: Option<String>) -> Self {
+        self.sentinel_password = password;
+        self
     }
 
     fn seeds(&self) -> Vec<String> {
@@ -117,6 +195,9 @@ pub struct Bus {
 enum Backend {
     Single(redis::Client),
     Cluster(ClusterSeeds),
+    /// The same connection as [`Connection::Sentinel`]; subscriptions ask
+    /// the Sentinels through it.
+    Sentinel(std::sync::Arc<SentinelPrimary>),
 }
 
 #[derive(Clone)]
@@ -141,6 +222,7 @@ impl ClusterSeeds {
 pub enum Connection {
     Single(ConnectionManager),
     Cluster(std::sync::Arc<LazyCluster>),
+    Sentinel(std::sync::Arc<SentinelPrimary>),
 }
 
 /// A cluster connection opened on first use, so a service starts (and
@@ -169,6 +251,11 @@ impl redis::aio::ConnectionLike for Connection {
             Connection::Cluster(lazy) => {
                 Box::pin(async move { lazy.get().await?.req_packed_command(cmd).await })
             }
+            Connection::Sentinel(primary) => Box::pin(async move {
+                primary
+                    .run(|mut conn| async move { conn.req_packed_command(cmd).await })
+                    .await
+            }),
         }
     }
 
@@ -186,6 +273,13 @@ impl redis::aio::ConnectionLike for Connection {
                     .req_packed_commands(cmd, offset, count)
                     .await
             }),
+            Connection::Sentinel(primary) => Box::pin(async move {
+                primary
+                    .run(|mut conn| async move {
+                        conn.req_packed_commands(cmd, offset, count).await
+                    })
+                    .await
+            }),
         }
     }
 
@@ -193,6 +287,8 @@ impl redis::aio::ConnectionLike for Connection {
         match self {
             Connection::Single(conn) => conn.get_db(),
             Connection::Cluster(..) => 0,
+            // The database named in the URLs, selected on every connection.
+            Connection::Sentinel(primary) => primary.db(),
         }
     }
 }
@@ -202,7 +298,7 @@ impl Bus {
     /// (and report not-ready) while Redis is down. Fails only on a bad URL.
     /// Call it inside a Tokio runtime.
     pub fn connect(config: &BusConfig) -> BusResult<Self> {
-        let (backend, conn) = match config.topology {
+        let (backend, conn) = match &config.topology {
             Topology::Single => {
                 let client = redis::Client::open(config.url.as_str())?;
                 let manager_config = ConnectionManagerConfig::new()
@@ -234,6 +330,22 @@ impl Bus {
                     })),
                 )
             }
+            Topology::Sentinel { master } => {
+                let sentinels = sentinel::Sentinels::new(
+                    &config.seeds(),
+                    master,
+                    config.sentinel_password.as_deref(),
+                    config.command_timeout,
+                )?;
+                let primary = std::sync::Arc::new(SentinelPrimary::new(
+                    std::sync::Arc::new(sentinels),
+                    config.command_timeout,
+                ));
+                (
+                    Backend::Sentinel(primary.clone()),
+                    Connection::Sentinel(primary),
+                )
+            }
         };
         Ok(Self {
             backend,
@@ -263,7 +375,13 @@ impl Bus {
         self.conn.clone()
     }
 
+    /// Readiness: Redis answers. Under Sentinel the node must also still
+    /// be the primary (a demoted one answers `PING` too).
     pub async fn ping(&self) -> BusResult<()> {
+        if let Backend::Sentinel(primary) = &self.backend {
+            primary.check_primary().await?;
+            return Ok(());
+        }
         let mut conn = self.conn.clone();
         let _: String = redis::cmd("PING").query_async(&mut conn).await?;
         Ok(())
@@ -282,7 +400,7 @@ impl Bus {
             let mut conn = self.conn.clone();
             let name = self.channel_name(channel);
             Ok(match self.backend {
-                Backend::Single(_) => conn.publish(name, payload).await?,
+                Backend::Single(_) | Backend::Sentinel(_) => conn.publish(name, payload).await?,
                 Backend::Cluster(_) => conn.spublish(name, payload).await?,
             })
         })
@@ -348,18 +466,11 @@ impl Bus {
     /// resubscribe and backfill from PostgreSQL.
     pub async fn open_pubsub(&self) -> BusResult<(PubSubSink, RawMessages)> {
         match &self.backend {
-            Backend::Single(client) => {
-                let (sink, stream) = client.get_async_pubsub().await?.split();
-                let messages = stream.filter_map(|message| {
-                    futures_util::future::ready(message.get_payload::<String>().ok().map(
-                        |payload| RawMessage {
-                            channel: message.get_channel_name().to_owned(),
-                            payload,
-                        },
-                    ))
-                });
-                Ok((PubSubSink::Single(sink), messages.boxed()))
-            }
+            Backend::Single(client) => Ok(plain_pubsub(client.get_async_pubsub().await?)),
+            // Opened on the primary the Sentinels name now. When the node
+            // is demoted, Sentinel kills its clients: the stream ends and
+            // the caller reopens here, on the new primary.
+            Backend::Sentinel(primary) => Ok(plain_pubsub(primary.pubsub().await?)),
             Backend::Cluster(seeds) => {
                 let (sender, receiver) = tokio::sync::mpsc::unbounded_channel::<redis::PushInfo>();
                 let client = seeds
@@ -398,6 +509,21 @@ impl Bus {
     }
 }
 
+/// Splits a (non-sharded) pub/sub connection into sink and message stream;
+/// the stream ends when the connection drops.
+fn plain_pubsub(pubsub: redis::aio::PubSub) -> (PubSubSink, RawMessages) {
+    let (sink, stream) = pubsub.split();
+    let messages = stream.filter_map(|message| {
+        futures_util::future::ready(message.get_payload::<String>().ok().map(|payload| {
+            RawMessage {
+                channel: message.get_channel_name().to_owned(),
+                payload,
+            }
+        }))
+    });
+    (PubSubSink::Single(sink), messages.boxed())
+}
+
 /// One message as published: full channel name and payload.
 #[derive(Clone, Debug)]
 pub struct RawMessage {
@@ -410,6 +536,7 @@ pub type RawMessages = std::pin::Pin<Box<dyn Stream<Item = RawMessage> + Send>>;
 /// The subscribing half of [`Bus::open_pubsub`]. Dropping it closes the
 /// connection.
 pub enum PubSubSink {
+    /// Plain `SUBSCRIBE`: a single Redis, or the primary behind Sentinels.
     Single(redis::aio::PubSubSink),
     /// Sharded subscriptions (`SSUBSCRIBE`), one channel per command since
     /// channels of one command must share a slot.
@@ -468,6 +595,27 @@ mod tests {
             "sy:scheduler:wake"
         );
         assert_eq!(bus.key("x"), "sy:x");
+    }
+
+    #[test]
+    fn passwords_never_show_in_debug_output() {
+        assert_eq!(
+            redact_urls("redis://:pw1@a:1, rediss://u:pw2@b:2,redis://c:3,pw3@d:4,redis://pw4@e"),
+            "redis://:***@a:1, rediss://u:***@b:2,redis://c:3,***@d:4,redis://***@e"
+        );
+        let config = BusConfig::sentinel("redis://:data-pw@s:26379", "m", "sy:")
+            .with_sentinel_password(Some("sentinel-pw".into()));
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("data-pw") && !shown.contains("sentinel-pw"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn a_sentinel_config_needs_a_sentinel_and_a_master_name() {
+        assert!(Bus::connect(&BusConfig::sentinel(" , ", "m", "sy:")).is_err());
+        assert!(Bus::connect(&BusConfig::sentinel("redis://s:26379", " ", "sy:")).is_err());
     }
 
     #[test]

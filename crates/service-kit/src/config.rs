@@ -13,6 +13,8 @@
 //! | `REDIS_URL` | required | all |
 //! | `REDIS_KEY_PREFIX` | `sy:` | all |
 //! | `REDIS_CLUSTER` | `false` | all |
+//! | `REDIS_SENTINEL_MASTER` | unset | all |
+//! | `REDIS_SENTINEL_PASSWORD` | unset | all |
 //! | `MIGRATE_ON_START` | `false` | all |
 //! | `RUST_LOG` | `info` | all |
 //! | `LOG_FORMAT` | `json` (`compact` for people) | all |
@@ -27,6 +29,17 @@
 //! | `GATEWAY_HTTP_ADDR` | `127.0.0.1:8081` | agent-gateway |
 //! | `SCHEDULER_HTTP_ADDR` | `127.0.0.1:8082` | scheduler |
 //! | `BROADCASTER_ADDR` | `127.0.0.1:8090` | realtime-broadcaster |
+//!
+//! Redis comes in three shapes. By default `REDIS_URL` is one Redis.
+//! `REDIS_CLUSTER=true`: `REDIS_URL` lists seed nodes of a Redis Cluster,
+//! comma-separated, and events use sharded pub/sub.
+//! `REDIS_SENTINEL_MASTER=<name>`: `REDIS_URL` lists Sentinels,
+//! comma-separated (`redis://s1:26379,redis://s2:26379`); every connection
+//! asks them for the current primary of that master name, so services
+//! follow a failover without restart. The URLs' password, user, database
+//! and `rediss://` are used for the primary; the Sentinels get
+//! `REDIS_SENTINEL_PASSWORD` when set, and no password otherwise. Cluster
+//! and Sentinel exclude each other.
 //!
 //! Keep-alive defaults to 75 s, longer than the 60 s idle timeout of common
 //! cloud load balancers, so the balancer (not us) closes idle connections
@@ -50,6 +63,8 @@ pub const VARIABLES: &[&str] = &[
     "REDIS_URL",
     "REDIS_KEY_PREFIX",
     "REDIS_CLUSTER",
+    "REDIS_SENTINEL_MASTER",
+    "REDIS_SENTINEL_PASSWORD",
     "MIGRATE_ON_START",
     "RUST_LOG",
     "LOG_FORMAT",
@@ -282,6 +297,66 @@ impl HttpConfig {
     }
 }
 
+/// The bus settings: one Redis, a Cluster or Sentinels (see the module docs).
+fn redis_config(
+    source: &dyn Source,
+    url: String,
+    prefix: String,
+) -> Result<bus::BusConfig, ConfigError> {
+    let cluster = flag(source, "REDIS_CLUSTER")?;
+    let sentinel_master = optional(source, "REDIS_SENTINEL_MASTER");
+    let sentinel_password = optional(source, "REDIS_SENTINEL_PASSWORD");
+    // Every comma-separated address must be a Redis URL, not only the first.
+    if (cluster || sentinel_master.is_some())
+        && let Some(bad) = url
+            .split(',')
+            .map(str::trim)
+            .find(|u| !(u.starts_with("redis://") || u.starts_with("rediss://")))
+    {
+        return Err(ConfigError {
+            variable: "REDIS_URL",
+            problem: format!(
+                "must list redis:// or rediss:// URLs, comma-separated; got an entry {:?}",
+                bus::redact_urls(bad)
+            ),
+        });
+    }
+    match (cluster, sentinel_master) {
+        (true, Some(_)) => Err(ConfigError {
+            variable: "REDIS_SENTINEL_MASTER",
+            problem: "cannot be set together with REDIS_CLUSTER=true: Redis Cluster and Sentinel \
+                      are different deployments, choose one"
+                .into(),
+        }),
+        (true, None) => {
+            reject_sentinel_password(sentinel_password.as_deref())?;
+            Ok(bus::BusConfig::cluster(url, prefix))
+        }
+        (false, Some(master)) => {
+            Ok(bus::BusConfig::sentinel(url, master, prefix)
+                .with_sentinel_password(sentinel_password))
+        }
+        (false, None) => {
+            reject_sentinel_password(sentinel_password.as_deref())?;
+            Ok(bus::BusConfig::new(url, prefix))
+        }
+    }
+}
+
+/// A Sentinel password without Sentinels is a mistake worth stopping for:
+/// the operator believes Sentinel is in use.
+fn reject_sentinel_password(password: Option<&str>) -> Result<(), ConfigError> {
+    match password {
+        Some(_) => Err(ConfigError {
+            variable: "REDIS_SENTINEL_PASSWORD",
+            problem:
+                "is set but REDIS_SENTINEL_MASTER is not (set the master name to use Sentinel)"
+                    .into(),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Settings every service has.
 #[derive(Clone, Debug)]
 pub struct CommonConfig {
@@ -329,11 +404,7 @@ impl CommonConfig {
             "redis://127.0.0.1:6379",
         )?;
         let prefix = optional(source, "REDIS_KEY_PREFIX").unwrap_or_else(|| "sy:".to_owned());
-        let redis = if flag(source, "REDIS_CLUSTER")? {
-            bus::BusConfig::cluster(redis_url, prefix)
-        } else {
-            bus::BusConfig::new(redis_url, prefix)
-        };
+        let redis = redis_config(source, redis_url, prefix)?;
         let log_format = match optional(source, "LOG_FORMAT") {
             None => LogFormat::Json,
             Some(raw) => LogFormat::parse(&raw).ok_or_else(|| ConfigError {
@@ -414,6 +485,111 @@ mod tests {
                 .variable,
             "MIGRATE_ON_START"
         );
+    }
+
+    fn with(extra: &[(&'static str, &'static str)]) -> MapSource {
+        let mut pairs = MINIMAL.to_vec();
+        pairs.extend_from_slice(extra);
+        env(&pairs)
+    }
+
+    #[test]
+    fn redis_is_a_single_node_by_default() {
+        let config = CommonConfig::from_source("t", &env(&MINIMAL)).expect("config");
+        assert_eq!(config.redis.topology, bus::Topology::Single);
+        assert_eq!(config.redis.sentinel_password, None);
+    }
+
+    #[test]
+    fn a_sentinel_master_name_makes_the_url_a_sentinel_list() {
+        let config = CommonConfig::from_source(
+            "t",
+            &with(&[
+                (
+                    "REDIS_URL",
+                    "redis://:data-secret@s1:26379, redis://s2:26379",
+                ),
+                ("REDIS_SENTINEL_MASTER", "mymaster"),
+            ]),
+        )
+        .expect("config");
+        assert_eq!(
+            config.redis.topology,
+            bus::Topology::Sentinel {
+                master: "mymaster".into()
+            }
+        );
+        assert_eq!(
+            config.redis.url,
+            "redis://:data-secret@s1:26379, redis://s2:26379"
+        );
+        assert_eq!(config.redis.sentinel_password, None);
+    }
+
+    #[test]
+    fn the_sentinel_password_is_kept_and_never_shown() {
+        let config = CommonConfig::from_source(
+            "t",
+            &with(&[
+                ("REDIS_URL", "redis://:data-secret@s1:26379"),
+                ("REDIS_SENTINEL_MASTER", "mymaster"),
+                ("REDIS_SENTINEL_PASSWORD", "sentinel-secret"),
+            ]),
+        )
+        .expect("config");
+        assert_eq!(
+            config.redis.sentinel_password.as_deref(),
+            Some("sentinel-secret")
+        );
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("sentinel-secret"), "{shown}");
+        assert!(!shown.contains("data-secret"), "{shown}");
+    }
+
+    #[test]
+    fn cluster_and_sentinel_together_are_refused() {
+        let error = CommonConfig::from_source(
+            "t",
+            &with(&[
+                ("REDIS_CLUSTER", "true"),
+                ("REDIS_SENTINEL_MASTER", "mymaster"),
+            ]),
+        )
+        .expect_err("fails");
+        assert_eq!(error.variable, "REDIS_SENTINEL_MASTER");
+        assert!(error.problem.contains("REDIS_CLUSTER"), "{error}");
+    }
+
+    #[test]
+    fn a_sentinel_password_without_a_master_name_is_refused() {
+        for extra in [
+            &[("REDIS_SENTINEL_PASSWORD", "pw")][..],
+            &[("REDIS_SENTINEL_PASSWORD", "pw"), ("REDIS_CLUSTER", "true")][..],
+        ] {
+            let error = CommonConfig::from_source("t", &with(extra)).expect_err("fails");
+            assert_eq!(error.variable, "REDIS_SENTINEL_PASSWORD");
+        }
+    }
+
+    #[test]
+    fn a_blank_master_name_means_no_sentinel() {
+        let config = CommonConfig::from_source("t", &with(&[("REDIS_SENTINEL_MASTER", "  ")]))
+            .expect("config");
+        assert_eq!(config.redis.topology, bus::Topology::Single);
+    }
+
+    #[test]
+    fn every_sentinel_address_must_be_a_redis_url() {
+        let error = CommonConfig::from_source(
+            "t",
+            &with(&[
+                ("REDIS_URL", "redis://s1:26379,s2:26379"),
+                ("REDIS_SENTINEL_MASTER", "mymaster"),
+            ]),
+        )
+        .expect_err("fails");
+        assert_eq!(error.variable, "REDIS_URL");
+        assert!(error.problem.contains("s2:26379"), "{error}");
     }
 
     #[test]

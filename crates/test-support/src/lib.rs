@@ -7,6 +7,8 @@
 //!   whose keys are deleted when the test ends.
 //! * [`RedisServer`]: a private `redis-server` on its own port, for tests
 //!   that must stop and restart Redis without disturbing other tests.
+//! * [`SentinelSetup`]: a private primary, replica and three Sentinels, for
+//!   tests that force a failover.
 //! * [`spawn_service`]: runs a service's `run(config, listener, shutdown)`
 //!   in-process on port 0.
 //!
@@ -15,6 +17,9 @@
 //! databases; `TEST_REDIS_URL` (default `redis://127.0.0.1:6379`) the Redis.
 //! With `TEST_REDIS_CLUSTER=true`, `TEST_REDIS_URL` lists the seed nodes of
 //! a Redis Cluster (comma-separated) and the shared Redis is used as one.
+//! With `TEST_REDIS_SENTINEL_MASTER=<name>`, `TEST_REDIS_URL` lists
+//! Sentinels (comma-separated) and the shared Redis is the primary they
+//! name. A [`RedisServer`] is always a single Redis.
 //! With `TEST_PGBOUNCER_URL` (a PgBouncer in transaction pooling mode in
 //! front of that server, `scripts/pgbouncer.sh`), every test database is
 //! reached through the pooler.
@@ -25,7 +30,7 @@ mod redis_server;
 mod service;
 
 pub use database::{EmptyDb, TestDb};
-pub use redis_server::{RedisServer, TestRedis, bus_config};
+pub use redis_server::{RedisServer, SentinelSetup, TestRedis, bus_config, shared_sentinel_master};
 pub use service::{RunningService, spawn_service};
 
 /// Installs a test log subscriber once (honours `RUST_LOG`; quiet otherwise).
@@ -61,6 +66,10 @@ pub fn common_config(
         (
             "REDIS_CLUSTER",
             redis_server::is_shared_cluster(redis_url).to_string(),
+        ),
+        (
+            "REDIS_SENTINEL_MASTER",
+            redis_server::shared_sentinel_master_for(redis_url).unwrap_or_default(),
         ),
         ("HTTP_WORKERS", "1".to_owned()),
         ("HTTP_SHUTDOWN_TIMEOUT_SECS", "2".to_owned()),

@@ -1,5 +1,7 @@
 //! The bus against a real Redis.
 
+mod sentinel;
+
 use std::time::Duration;
 
 use bus::{Bus, Channel};
@@ -9,7 +11,7 @@ use domain::{JobId, OrgId};
 use futures_util::StreamExt;
 use test_support::TestRedis;
 
-fn created(org: &OrgId) -> Envelope {
+pub(crate) fn created(org: &OrgId) -> Envelope {
     Envelope::new(
         org.clone(),
         Event::JobCreated {

@@ -59,6 +59,7 @@ async fn sigterm_drains_and_exits_zero() {
         .envs(db.env_vars())
         .env("REDIS_URL", redis.url())
         .env("REDIS_CLUSTER", redis.is_cluster().to_string())
+        .env("REDIS_SENTINEL_MASTER", redis.sentinel_master())
         .env("REDIS_KEY_PREFIX", redis.prefix())
         .env("JOB_API_ADDR", format!("127.0.0.1:{port}"))
         .env("AUTH_HS256_SECRET", "binary-test-secret")

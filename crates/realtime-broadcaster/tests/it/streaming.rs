@@ -219,6 +219,7 @@ async fn a_client_resumes_after_the_broadcaster_process_is_killed() {
             .env("DATABASE_POOL_SIZE", "4")
             .env("REDIS_URL", redis.url())
             .env("REDIS_CLUSTER", redis.is_cluster().to_string())
+            .env("REDIS_SENTINEL_MASTER", redis.sentinel_master())
             .env("REDIS_KEY_PREFIX", redis.prefix())
             .env("BROADCASTER_ADDR", addr.to_string())
             .env("AUTH_HS256_SECRET", crate::support::SECRET)

@@ -20,6 +20,7 @@ fn start_process(db: &TestDb, redis: &TestRedis) -> Child {
         .envs(db.env_vars())
         .env("REDIS_URL", redis.url())
         .env("REDIS_CLUSTER", redis.is_cluster().to_string())
+        .env("REDIS_SENTINEL_MASTER", redis.sentinel_master())
         .env("REDIS_KEY_PREFIX", redis.prefix())
         .env("SCHEDULER_HTTP_ADDR", format!("127.0.0.1:{port}"))
         .env("SCHEDULER_SWEEP_INTERVAL_MS", "200")
