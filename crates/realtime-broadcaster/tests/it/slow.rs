@@ -107,10 +107,12 @@ async fn a_long_replay_while_the_job_writes_is_not_cut_off() {
     let mut config = config(&db, redis.url(), redis.prefix());
     // Queues far smaller than the 300 writes made during the replay (so a
     // replay that did not drain live items between pages would overflow),
-    // but not so small that one page's send under a loaded CI machine
-    // outlasts the queue: 4 items made this test fail at random there.
+    // but not so small that one page's read and send on a loaded machine
+    // outlasts the queue: 4 items, then 32 (at a load average near 6, with
+    // the end-to-end suites running on several topologies), made this test
+    // fail at random.
     config.settings.send_queue_frames = 8;
-    config.settings.feed_queue_items = 32;
+    config.settings.feed_queue_items = 64;
     let service = start_with(config);
     let mut writer = Writer::new(&db, bus(redis.url(), redis.prefix()), "acme").await;
     let channel = writer.channel();
