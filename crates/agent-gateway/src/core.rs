@@ -337,15 +337,31 @@ impl Gateway {
         job: JobId,
         epoch: u64,
     ) -> GatewayResult<Option<AssignmentView>> {
+        Ok(self.assignments(ctx, &[(job, epoch)]).await?.pop())
+    }
+
+    /// [`assignment`](Self::assignment) for several offers, read in one
+    /// statement; outdated offers are left out.
+    pub async fn assignments(
+        &self,
+        ctx: &AgentContext,
+        offers: &[(JobId, u64)],
+    ) -> GatewayResult<Vec<AssignmentView>> {
+        let ids: Vec<JobId> = offers.iter().map(|(job, _)| *job).collect();
         let mut conn = self.conn().await?;
-        match self.leased_job(&mut conn, ctx, job, epoch, None).await {
-            Ok(row) if row.status() == JobStatus::Leased => {
-                Ok(Some(AssignmentView::from_job(&row)))
-            }
-            Ok(_) | Err(GatewayError::Stale { .. } | GatewayError::NotYourJob(_)) => Ok(None),
-            Err(GatewayError::UnknownJob(_)) => Ok(None),
-            Err(e) => Err(e),
-        }
+        let rows = db::jobs::get_many(&mut conn, &ids)
+            .await
+            .map_err(|e| GatewayError::from_db(None, e))?;
+        Ok(rows
+            .iter()
+            .filter(|row| {
+                row.org_id == ctx.org.as_str()
+                    && row.agent_id == Some(ctx.id.as_uuid())
+                    && row.status() == JobStatus::Leased
+                    && offers.contains(&(row.job_id(), row.lease_epoch.max(0) as u64))
+            })
+            .map(AssignmentView::from_job)
+            .collect())
     }
 
     /// Leased jobs of this agent not yet acknowledged.

@@ -474,7 +474,18 @@ impl Session {
                     }
                 },
                 event = events.next(), if resubscribe.is_none() => match event {
-                    Some(envelope) => self.on_event(envelope).await,
+                    Some(envelope) => {
+                        // Offers come in bursts: take those already waiting.
+                        let mut batch = vec![envelope];
+                        while batch.len() < MAX_BATCH {
+                            match events.next().now_or_never() {
+                                Some(Some(envelope)) => batch.push(envelope),
+                                // An ended stream is seen again on the next turn.
+                                Some(None) | None => break,
+                            }
+                        }
+                        self.on_events(batch).await
+                    }
                     None => {
                         tracing::warn!(agent.id = %self.ctx.id, "bus subscription lost; resubscribing");
                         resubscribe = Some(Box::pin(tokio::time::sleep(Duration::from_millis(500))));
@@ -867,6 +878,67 @@ impl Session {
             committed_offset: committed,
         }))
         .await
+    }
+
+    /// Handles events that arrived together. When every one of them meant
+    /// for this agent is an offer, their jobs are read in one statement;
+    /// otherwise each goes through [`on_event`](Self::on_event) in order.
+    async fn on_events(&mut self, batch: Vec<Envelope>) -> Result<(), End> {
+        let mine = |envelope: &Envelope| match &envelope.event {
+            Event::AssignmentOffered { agent_id, .. }
+            | Event::CancelRequested { agent_id, .. }
+            | Event::DrainRequested { agent_id }
+            | Event::AgentRevoked { agent_id } => *agent_id == self.ctx.id,
+            _ => false,
+        };
+        let offers: Vec<(JobId, u64)> = batch
+            .iter()
+            .filter_map(|envelope| match &envelope.event {
+                Event::AssignmentOffered {
+                    agent_id,
+                    job_id,
+                    epoch,
+                    ..
+                } if *agent_id == self.ctx.id => Some((*job_id, *epoch)),
+                _ => None,
+            })
+            .collect();
+        if offers.len() < 2 || batch.iter().filter(|e| mine(e)).count() != offers.len() {
+            for envelope in batch {
+                self.on_event(envelope).await?;
+            }
+            return Ok(());
+        }
+        let views = match self.gateway.assignments(&self.ctx, &offers).await {
+            Ok(views) => views,
+            Err(e) => {
+                // The leases lapse and are requeued if we cannot deliver.
+                e.log();
+                return Ok(());
+            }
+        };
+        for view in views {
+            let offered = batch.iter().find_map(|envelope| match &envelope.event {
+                Event::AssignmentOffered { job_id, epoch, .. }
+                    if *job_id == view.job_id && *epoch == view.epoch =>
+                {
+                    Some(envelope.trace.clone())
+                }
+                _ => None,
+            });
+            let offered = offered.flatten();
+            let span = tracing::info_span!(
+                "assignment",
+                job.id = %view.job_id,
+                job.epoch = view.epoch,
+                trace_id = tracing::field::Empty
+            );
+            telemetry::adopt_trace(&span, offered.as_ref());
+            self.deliver(view, offered.as_ref())
+                .instrument(span)
+                .await?;
+        }
+        Ok(())
     }
 
     async fn on_event(&mut self, envelope: Envelope) -> Result<(), End> {

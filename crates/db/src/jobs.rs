@@ -335,6 +335,16 @@ pub async fn get_any(conn: &mut PgConn, id: JobId) -> DbResult<Job> {
         .await?)
 }
 
+/// Several jobs by id, in no particular order; unknown ids are left out.
+pub async fn get_many(conn: &mut PgConn, ids: &[JobId]) -> DbResult<Vec<Job>> {
+    let ids: Vec<Uuid> = ids.iter().map(|id| id.as_uuid()).collect();
+    Ok(jobs::table
+        .filter(jobs::id.eq_any(ids))
+        .select(Job::as_select())
+        .load(conn)
+        .await?)
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct ListFilter {
     pub status: Option<JobStatus>,

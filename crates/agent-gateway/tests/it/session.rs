@@ -796,3 +796,80 @@ struct Count {
     #[diesel(sql_type = diesel::sql_types::BigInt)]
     count: i64,
 }
+
+/// Offers published back to back are delivered together (their jobs read
+/// in one statement): each current one once, an outdated one not at all.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_of_offers_delivers_each_current_one_once() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let bus = bus(redis.url(), redis.prefix());
+    let gateway = start(&db, redis.url(), redis.prefix());
+    let token = registration_token(&db).await;
+    let agent = register(&gateway, &token, "runner-1").await;
+    let mut session = RawSession::open(&gateway.grpc_url(), &agent.secret, vec![]).await;
+    wait_online(&db, agent.id).await;
+
+    let mut offers = Vec::new();
+    let mut conn = db.conn().await;
+    for n in 0..5 {
+        let job = submit(&db, &format!("echo {n}")).await;
+        let lease = db::leases::lease_job(&mut conn, job, agent.id, ACK_TIMEOUT)
+            .await
+            .expect("lease");
+        offers.push((job, lease));
+    }
+    drop(conn);
+    let outdated = offers[0].0;
+    // Every offer, the first one twice, then one for an epoch never leased.
+    for (job, lease) in offers.iter().chain([&offers[0]]) {
+        let epoch = lease.epoch as u64;
+        publish_to_agent(
+            &bus,
+            agent.id,
+            Event::AssignmentOffered {
+                agent_id: agent.id,
+                job_id: *job,
+                epoch,
+                attempt: lease.attempt as u32,
+                lease_expires_at: lease.expires_at,
+            },
+        )
+        .await;
+    }
+    publish_to_agent(
+        &bus,
+        agent.id,
+        Event::AssignmentOffered {
+            agent_id: agent.id,
+            job_id: outdated,
+            epoch: offers[0].1.epoch as u64 + 1,
+            attempt: 1,
+            lease_expires_at: offers[0].1.expires_at,
+        },
+    )
+    .await;
+
+    let mut delivered = Vec::new();
+    for _ in 0..offers.len() {
+        let assignment = session.assignment().await;
+        delivered.push((assignment.job_id, assignment.epoch));
+    }
+    delivered.sort();
+    let mut expected: Vec<(String, u64)> = offers
+        .iter()
+        .map(|(job, lease)| (job.to_string(), lease.epoch as u64))
+        .collect();
+    expected.sort();
+    assert_eq!(delivered, expected);
+    // Neither the repeated offer nor the outdated one is delivered again.
+    let extra = tokio::time::timeout(Duration::from_millis(500), async {
+        loop {
+            if let ServerMsg::Assignment(a) = session.next().await {
+                return a;
+            }
+        }
+    })
+    .await;
+    assert!(extra.is_err(), "delivered again: {extra:?}");
+}
