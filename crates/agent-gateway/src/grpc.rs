@@ -124,6 +124,22 @@ fn bearer(metadata: &tonic::metadata::MetadataMap) -> Result<String, GatewayErro
 /// The most messages a session takes in one go.
 const MAX_BATCH: usize = 256;
 
+/// Drops from `left` one ack or result per `(job, epoch)` a batched
+/// statement recorded; a repeat of one stays, to be answered on its own.
+fn drop_answered(left: &mut Vec<pb::AgentMessage>, recorded: impl Iterator<Item = (Uuid, i64)>) {
+    let mut answered: HashSet<(String, u64)> = recorded
+        .map(|(job, epoch)| (job.to_string(), epoch as u64))
+        .collect();
+    left.retain(|m| {
+        let about = match &m.msg {
+            Some(AgentMsg::AssignmentAck(ack)) => (ack.job_id.clone(), ack.epoch),
+            Some(AgentMsg::Result(result)) => (result.job_id.clone(), result.epoch),
+            _ => return true,
+        };
+        !answered.remove(&about)
+    });
+}
+
 fn parse_job(raw: &str) -> Result<JobId, GatewayError> {
     raw.parse()
         .map_err(|_| GatewayError::invalid(format!("job_id {raw:?} is not a UUID")))
@@ -580,16 +596,7 @@ impl Session {
                 }))
                 .await?;
             }
-            let mut answered: HashSet<(String, u64)> = started
-                .iter()
-                .map(|s| (s.job_id.to_string(), s.epoch as u64))
-                .collect();
-            acks_left.retain(|m| match &m.msg {
-                Some(AgentMsg::AssignmentAck(ack)) => {
-                    !answered.remove(&(ack.job_id.clone(), ack.epoch))
-                }
-                _ => true,
-            });
+            drop_answered(&mut acks_left, started.iter().map(|s| (s.job_id, s.epoch)));
         }
         for message in acks_left.into_iter().chain(middle) {
             self.handle(message).await?;
@@ -607,17 +614,10 @@ impl Session {
                 }))
                 .await?;
             }
-            let mut answered: HashSet<(String, u64)> = succeeded
-                .iter()
-                .map(|s| (s.job_id.to_string(), s.epoch as u64))
-                .collect();
-            // A repeat of a result just recorded is answered on its own.
-            results_left.retain(|m| match &m.msg {
-                Some(AgentMsg::Result(result)) => {
-                    !answered.remove(&(result.job_id.clone(), result.epoch))
-                }
-                _ => true,
-            });
+            drop_answered(
+                &mut results_left,
+                succeeded.iter().map(|s| (s.job_id, s.epoch)),
+            );
         }
         for message in results_left {
             self.handle(message).await?;

@@ -77,12 +77,7 @@ pub struct Granted {
 impl Granted {
     /// The trace of the request that created the job.
     pub fn trace(&self) -> Option<domain::events::TraceContext> {
-        self.traceparent
-            .clone()
-            .map(|traceparent| domain::events::TraceContext {
-                traceparent,
-                tracestate: self.tracestate.clone(),
-            })
+        crate::jobs::stored_trace(self.traceparent.as_deref(), self.tracestate.as_deref())
     }
 }
 

@@ -70,12 +70,7 @@ impl Job {
 
     /// The trace the job's life continues.
     pub fn trace(&self) -> Option<domain::events::TraceContext> {
-        self.traceparent
-            .clone()
-            .map(|traceparent| domain::events::TraceContext {
-                traceparent,
-                tracestate: self.tracestate.clone(),
-            })
+        stored_trace(self.traceparent.as_deref(), self.tracestate.as_deref())
     }
 
     pub fn status(&self) -> JobStatus {
@@ -333,6 +328,17 @@ pub async fn get_any(conn: &mut PgConn, id: JobId) -> DbResult<Job> {
         .select(Job::as_select())
         .first(conn)
         .await?)
+}
+
+/// A trace context as stored with a job.
+pub(crate) fn stored_trace(
+    traceparent: Option<&str>,
+    tracestate: Option<&str>,
+) -> Option<domain::events::TraceContext> {
+    traceparent.map(|traceparent| domain::events::TraceContext {
+        traceparent: traceparent.to_owned(),
+        tracestate: tracestate.map(str::to_owned),
+    })
 }
 
 /// Several jobs by id, in no particular order; unknown ids are left out.

@@ -180,6 +180,14 @@ pub struct Extended {
     pub cancel_requested: bool,
 }
 
+/// `(job, epoch)` pairs as the two arrays a statement unnests.
+fn ids_and_epochs(pairs: &[(JobId, u64)]) -> (Vec<Uuid>, Vec<i64>) {
+    pairs
+        .iter()
+        .map(|(job, epoch)| (job.as_uuid(), *epoch as i64))
+        .unzip()
+}
+
 /// Extends every listed lease of `agent` in one statement. Leases missing
 /// from the result were stale (wrong epoch, not this agent, or over).
 pub async fn extend_leases(
@@ -191,8 +199,7 @@ pub async fn extend_leases(
     if held.is_empty() {
         return Ok(Vec::new());
     }
-    let ids: Vec<Uuid> = held.iter().map(|(id, _)| id.as_uuid()).collect();
-    let epochs: Vec<i64> = held.iter().map(|(_, e)| *e as i64).collect();
+    let (ids, epochs) = ids_and_epochs(held);
     Ok(diesel::sql_query(
         "UPDATE jobs j SET lease_expires_at = now() + $4 * interval '1 millisecond' \
          FROM unnest($1::uuid[], $2::int8[]) AS held(id, epoch) \
@@ -315,8 +322,7 @@ pub async fn start_many(
     if assignments.is_empty() {
         return Ok(Vec::new());
     }
-    let ids: Vec<Uuid> = assignments.iter().map(|(job, _)| job.as_uuid()).collect();
-    let epochs: Vec<i64> = assignments.iter().map(|(_, epoch)| *epoch as i64).collect();
+    let (ids, epochs) = ids_and_epochs(assignments);
     Ok(diesel::sql_query(
         "UPDATE jobs j SET status = 'running', started_at = now(), \
             lease_expires_at = now() + $4 * interval '1 millisecond', \

@@ -88,22 +88,25 @@ async fn hammer(
     (errors, backends)
 }
 
-fn pooler_under_test(test_db: &TestDb) -> bool {
+/// A test database reached through the pooler, with an org to write to;
+/// `None` (and a notice) when no pooler is under test.
+async fn pooled_database() -> Option<TestDb> {
+    let test_db = TestDb::new().await;
     if !test_db.transaction_pooling() {
         eprintln!("skipped: TEST_PGBOUNCER_URL is not set (scripts/test-topologies.sh sets it)");
-    }
-    test_db.transaction_pooling()
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn statements_through_a_transaction_pooler_all_succeed() {
-    let test_db = TestDb::new().await;
-    if !pooler_under_test(&test_db) {
-        return;
+        return None;
     }
     let mut conn = test_db.conn().await;
     support::acme(&mut conn).await;
     drop(conn);
+    Some(test_db)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn statements_through_a_transaction_pooler_all_succeed() {
+    let Some(test_db) = pooled_database().await else {
+        return;
+    };
     let (errors, backends) = hammer(&test_db, true, 100).await;
     assert!(
         errors.is_empty(),
@@ -121,13 +124,9 @@ async fn statements_through_a_transaction_pooler_all_succeed() {
 /// connections between round trips, so the test above proves something.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_connection_unaware_of_the_pooler_fails_behind_it() {
-    let test_db = TestDb::new().await;
-    if !pooler_under_test(&test_db) {
+    let Some(test_db) = pooled_database().await else {
         return;
-    }
-    let mut conn = test_db.conn().await;
-    support::acme(&mut conn).await;
-    drop(conn);
+    };
     let (errors, _) = hammer(&test_db, false, 100).await;
     assert!(
         errors.iter().any(|e| e.contains("prepared statement")),
