@@ -94,7 +94,6 @@ pub async fn orgs_with_work(conn: &mut PgConn) -> DbResult<Vec<OrgId>> {
          WHERE a.status = 'online' AND EXISTS ( \
            SELECT 1 FROM jobs j WHERE j.org_id = a.org_id AND j.status = 'queued' AND j.run_at <= now())",
     )
-    .cached()
     .load(conn)
     .await?;
     Ok(rows
@@ -131,7 +130,6 @@ pub async fn agent_offers(conn: &mut PgConn, org: &OrgId) -> DbResult<Vec<AgentO
          WHERE a.org_id = $1 AND a.status = 'online' AND a.capacity - COALESCE(l.held, 0) > 0",
     )
     .bind::<Text, _>(org.as_str())
-    .cached()
     .load(conn)
     .await?;
     Ok(rows
@@ -188,7 +186,6 @@ pub async fn limits(
          WHERE org_id = $1 AND status IN ('leased', 'running', 'cancel_requested')",
     )
     .bind::<Text, _>(org.as_str())
-    .cached()
     .load(conn)
     .await?;
     let keys: Vec<KeyRow> = diesel::sql_query(
@@ -196,7 +193,6 @@ pub async fn limits(
          WHERE org_id = $1 GROUP BY key",
     )
     .bind::<Text, _>(org.as_str())
-    .cached()
     .load(conn)
     .await?;
     let mut limits = Limits {
@@ -255,6 +251,12 @@ const CANDIDATE_COLUMNS: &str = "id, repository_id, queue_rank, priority, positi
 const RUNNABLE: &str = "EXISTS (SELECT 1 FROM agents a WHERE a.org_id = $1 \
     AND a.status = 'online' AND a.labels @> jobs.required_labels)";
 
+// The reads here are planned on every call, not cached: a cached statement
+// soon runs PostgreSQL's generic plan, and for these (org and limit as
+// parameters, a backlog of any size) that plan was far slower: at 100,000
+// queued jobs the candidates query took a whole core and burn-down fell to
+// 201 jobs/s. The writes, keyed by primary key, stay cached.
+
 /// The heads of every repository's ready queue (and of jobs without one):
 /// the first `heads` by dispatch order and the `heads` oldest, so aging can
 /// lift them, among the jobs an online agent could run. Found by skipping
@@ -291,7 +293,6 @@ pub async fn candidates(conn: &mut PgConn, org: &OrgId, heads: i64) -> DbResult<
     let rows: Vec<CandidateRow> = diesel::sql_query(sql)
         .bind::<Text, _>(org.as_str())
         .bind::<BigInt, _>(heads)
-        .cached()
         .load(conn)
         .await?;
     Ok(rows.into_iter().map(CandidateRow::into_candidate).collect())
@@ -326,7 +327,6 @@ pub async fn queued_candidates(
     ))
     .bind::<Text, _>(org.as_str())
     .bind::<BigInt, _>(limit)
-    .cached()
     .load(conn)
     .await?;
     Ok(rows.into_iter().map(CandidateRow::into_candidate).collect())
