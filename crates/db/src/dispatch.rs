@@ -251,11 +251,10 @@ const CANDIDATE_COLUMNS: &str = "id, repository_id, queue_rank, priority, positi
 const RUNNABLE: &str = "EXISTS (SELECT 1 FROM agents a WHERE a.org_id = $1 \
     AND a.status = 'online' AND a.labels @> jobs.required_labels)";
 
-// The reads here are planned on every call, not cached: a cached statement
-// soon runs PostgreSQL's generic plan, and for these (org and limit as
-// parameters, a backlog of any size) that plan was far slower: at 100,000
-// queued jobs the candidates query took a whole core and burn-down fell to
-// 201 jobs/s. The writes, keyed by primary key, stay cached.
+// The reads here are planned on every call, not cached: their best plan
+// depends on the org's backlog and the limit, which the generic plan a
+// cached statement soon runs cannot see. The writes, keyed by primary key,
+// stay cached.
 
 /// The heads of every repository's ready queue (and of jobs without one):
 /// the first `heads` by dispatch order and the `heads` oldest, so aging can
