@@ -35,7 +35,8 @@ pub struct DispatchSettings {
     pub aging: Option<Duration>,
     /// Most leases granted for one org in one tick.
     pub max_leases_per_tick: usize,
-    /// Jobs read from the head of each repository's queue per tick.
+    /// Fewest jobs read from the head of each fairness group's queue per
+    /// tick (more when one group's share of the free slots is larger).
     pub heads_per_group: i64,
 }
 
@@ -256,42 +257,45 @@ const RUNNABLE: &str = "EXISTS (SELECT 1 FROM agents a WHERE a.org_id = $1 \
 // cached statement soon runs cannot see. The writes, keyed by primary key,
 // stay cached.
 
-/// The heads of every repository's ready queue (and of jobs without one):
-/// the first `heads` by dispatch order and the `heads` oldest, so aging can
-/// lift them, among the jobs an online agent could run. Found by skipping
-/// through the index one repository at a time, never by reading a whole
-/// backlog.
-pub async fn candidates(conn: &mut PgConn, org: &OrgId, heads: i64) -> DbResult<Vec<Candidate>> {
+/// A job's fairness group: its repository, or the nil UUID (never a
+/// repository's id) for jobs without one. Spelled exactly as in the ready
+/// indexes' expression, so the planner uses them.
+const GROUP: &str = "COALESCE(repository_id, '00000000-0000-0000-0000-000000000000'::uuid)";
+
+/// The heads of every fairness group's ready queue, among the jobs an
+/// online agent could run: per group, the first ones by dispatch order and
+/// as many of the oldest, so aging can lift them. Each group gives at least
+/// `heads` and its share of `wanted` (what the tick can place), so one busy
+/// group can fill every free slot in one tick. Found by skipping through the
+/// index one group at a time, never by reading a whole backlog.
+pub async fn candidates(
+    conn: &mut PgConn,
+    org: &OrgId,
+    heads: i64,
+    wanted: i64,
+) -> DbResult<Vec<Candidate>> {
     let sql = format!(
         "WITH RECURSIVE groups(id) AS ( \
-            (SELECT repository_id FROM jobs WHERE org_id = $1 AND status = 'queued' \
-               AND repository_id IS NOT NULL ORDER BY repository_id LIMIT 1) \
+            (SELECT {GROUP} FROM jobs WHERE org_id = $1 AND status = 'queued' ORDER BY 1 LIMIT 1) \
             UNION ALL \
-            SELECT (SELECT j.repository_id FROM jobs j \
-                    WHERE j.org_id = $1 AND j.status = 'queued' AND j.repository_id > groups.id \
-                    ORDER BY j.repository_id LIMIT 1) \
-            FROM groups WHERE groups.id IS NOT NULL) \
-         SELECT DISTINCT ON (id) * FROM ( \
-           SELECT c.* FROM groups g CROSS JOIN LATERAL ( \
+            SELECT (SELECT {GROUP} FROM jobs WHERE org_id = $1 AND status = 'queued' \
+                    AND {GROUP} > groups.id ORDER BY 1 LIMIT 1) \
+            FROM groups WHERE groups.id IS NOT NULL), \
+         share(n) AS (SELECT greatest($2, $3 / greatest(count(*), 1)) FROM groups WHERE id IS NOT NULL) \
+         SELECT DISTINCT ON (id) c.* FROM groups g CROSS JOIN share CROSS JOIN LATERAL ( \
              (SELECT {CANDIDATE_COLUMNS} FROM jobs WHERE org_id = $1 AND status = 'queued' \
-                AND repository_id = g.id AND run_at <= now() AND {RUNNABLE} \
-                ORDER BY queue_rank, priority DESC, position LIMIT $2) \
+                AND {GROUP} = g.id AND run_at <= now() AND {RUNNABLE} \
+                ORDER BY queue_rank, priority DESC, position LIMIT share.n) \
              UNION ALL \
              (SELECT {CANDIDATE_COLUMNS} FROM jobs WHERE org_id = $1 AND status = 'queued' \
-                AND repository_id = g.id AND run_at <= now() AND {RUNNABLE} ORDER BY position LIMIT $2)) c \
-           WHERE g.id IS NOT NULL \
-           UNION ALL \
-           (SELECT {CANDIDATE_COLUMNS} FROM jobs WHERE org_id = $1 AND status = 'queued' \
-              AND repository_id IS NULL AND run_at <= now() AND {RUNNABLE} \
-              ORDER BY queue_rank, priority DESC, position LIMIT $2) \
-           UNION ALL \
-           (SELECT {CANDIDATE_COLUMNS} FROM jobs WHERE org_id = $1 AND status = 'queued' \
-              AND repository_id IS NULL AND run_at <= now() AND {RUNNABLE} ORDER BY position LIMIT $2) \
-         ) heads"
+                AND {GROUP} = g.id AND run_at <= now() AND {RUNNABLE} \
+                ORDER BY position LIMIT share.n)) c \
+         WHERE g.id IS NOT NULL"
     );
     let rows: Vec<CandidateRow> = diesel::sql_query(sql)
         .bind::<Text, _>(org.as_str())
         .bind::<BigInt, _>(heads)
+        .bind::<BigInt, _>(wanted)
         .load(conn)
         .await?;
     Ok(rows.into_iter().map(CandidateRow::into_candidate).collect())
@@ -404,6 +408,16 @@ struct Locked {
 /// Namespace of the per-org dispatch advisory locks.
 const DISPATCH_LOCK_NAMESPACE: i32 = 0x5359_4450; // "SYDP"
 
+/// What one dispatch of an org did.
+#[derive(Debug, Default)]
+pub struct Dispatched {
+    pub granted: Vec<Granted>,
+    /// Another dispatch right away could lease more: the per-tick cap was
+    /// reached, or free slots remain while some group had more queued than
+    /// its share of this read.
+    pub more: bool,
+}
+
 /// Dispatches one org: orders its ready jobs, places them on its agents and
 /// leases the batch. Returns nothing if another replica holds the org's
 /// lock right now (it is doing the same work).
@@ -411,7 +425,7 @@ pub async fn dispatch_org(
     conn: &mut PgConn,
     org: &OrgId,
     settings: &DispatchSettings,
-) -> DbResult<Vec<Granted>> {
+) -> DbResult<Dispatched> {
     let org = org.clone();
     let settings = settings.clone();
     conn.transaction(async |conn| {
@@ -423,30 +437,31 @@ pub async fn dispatch_org(
                 .get_result(conn)
                 .await?;
         if !lock.locked {
-            return Ok(Vec::new());
+            return Ok(Dispatched::default());
         }
         let agents = agent_offers(conn, &org).await?;
         if agents.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Dispatched::default());
         }
         let (limits, held) = limits(conn, &org).await?;
-        let mut ready = candidates(conn, &org, settings.heads_per_group).await?;
-        order(&mut ready, Utc::now(), settings.aging);
         let free: usize = agents.iter().map(|a| a.free as usize).sum();
-        let placement = plan(
-            &ready,
-            &agents,
-            &limits,
-            free.min(settings.max_leases_per_tick),
-        );
+        let wanted = free.min(settings.max_leases_per_tick);
+        let mut ready = candidates(conn, &org, settings.heads_per_group, wanted as i64).await?;
+        order(&mut ready, Utc::now(), settings.aging);
+        let placement = plan(&ready, &agents, &limits, wanted);
         if placement.assignments.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Dispatched::default());
         }
+        let mut per_group: HashMap<Option<RepositoryId>, i64> = HashMap::new();
+        for candidate in &ready {
+            *per_group.entry(candidate.repository_id).or_default() += 1;
+        }
+        let some_group_cut = per_group.values().any(|&n| n >= settings.heads_per_group);
         let keys: HashMap<JobId, String> = ready
             .iter()
             .filter_map(|c| c.concurrency_key.clone().map(|k| (c.job_id, k)))
             .collect();
-        lease_batch(
+        let granted = lease_batch(
             conn,
             &org,
             &placement.assignments,
@@ -454,7 +469,11 @@ pub async fn dispatch_org(
             held,
             settings.ack_timeout,
         )
-        .await
+        .await?;
+        let more = !granted.is_empty()
+            && (granted.len() >= settings.max_leases_per_tick
+                || (granted.len() < wanted && some_group_cut));
+        Ok(Dispatched { granted, more })
     })
     .await
 }

@@ -44,7 +44,7 @@ pub struct TickReport {
     pub leased: usize,
     pub expired: usize,
     pub timed_out: usize,
-    /// An org hit its per-tick lease cap: run again at once.
+    /// An org could lease more at once (see `Dispatched::more`): run again.
     pub saturated: bool,
 }
 
@@ -130,12 +130,13 @@ impl Engine {
         use tracing::Instrument;
         let mut conn = self.db.conn().await?;
         for org in db::dispatch::orgs_with_work(&mut conn).await? {
-            let granted = db::dispatch::dispatch_org(&mut conn, &org, &self.dispatch).await?;
+            let dispatched = db::dispatch::dispatch_org(&mut conn, &org, &self.dispatch).await?;
+            let granted = dispatched.granted;
             if granted.is_empty() {
                 continue;
             }
             report.leased += granted.len();
-            report.saturated |= granted.len() >= self.dispatch.max_leases_per_tick;
+            report.saturated |= dispatched.more;
             self.metrics.leases_granted.inc_by(granted.len() as u64);
             let now = Utc::now();
             for lease in &granted {

@@ -274,6 +274,67 @@ async fn a_flooding_tenant_does_not_starve_another() {
     assert!(flood.len() == 5_000);
 }
 
+/// Dispatch fills the free slots in a few rounds however the backlog is
+/// spread: here 300 jobs without a repository (far more than the fewest
+/// heads read per group) beside a repository's five. The first round serves
+/// both groups and leases more than a fixed per-group read would allow; the
+/// rounds stop by themselves once everything runnable is leased.
+#[tokio::test(flavor = "multi_thread")]
+async fn dispatch_fills_free_slots_in_few_rounds_and_serves_every_group() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let bus = bus(&redis);
+    let acme = org("acme");
+    let repo = create_repository(&db, &acme, "small").await;
+    let unowned = create_jobs(&db, &acme, &vec![job("true"); 300]).await;
+    let mut owned_job = job("true");
+    owned_job.repository_id = Some(repo);
+    let owned = create_jobs(&db, &acme, &vec![owned_job; 5]).await;
+    let settings = db::dispatch::DispatchSettings::default();
+    let _agents = spawn_agents(
+        &db,
+        &bus,
+        &acme,
+        1,
+        400,
+        &[],
+        Duration::from_secs(30),
+        Behaviour::GoSilent,
+        Arc::new(Mutex::new(Journal::default())),
+    )
+    .await;
+    let mut conn = db.conn().await;
+    let mut leased = Vec::new();
+    let mut rounds = 0;
+    loop {
+        let dispatched = db::dispatch::dispatch_org(&mut conn, &acme, &settings)
+            .await
+            .expect("dispatch");
+        rounds += 1;
+        if rounds == 1 {
+            assert!(dispatched.granted.len() as i64 > 2 * settings.heads_per_group);
+            let first: HashSet<_> = dispatched
+                .granted
+                .iter()
+                .map(|g| domain::JobId(g.job_id))
+                .collect();
+            assert!(
+                owned.iter().all(|id| first.contains(id)),
+                "the small group waited"
+            );
+        }
+        leased.extend(dispatched.granted.iter().map(|g| domain::JobId(g.job_id)));
+        if !dispatched.more {
+            break;
+        }
+        assert!(rounds < 4, "still more to lease after {rounds} rounds");
+    }
+    let distinct: HashSet<_> = leased.iter().copied().collect();
+    assert_eq!(distinct.len(), leased.len(), "a job leased twice");
+    let wanted: HashSet<_> = unowned.iter().chain(&owned).copied().collect();
+    assert_eq!(distinct, wanted);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn failures_back_off_within_policy_then_dead_letter_then_redrive_runs_again() {
     let db = TestDb::new().await;
