@@ -6,6 +6,7 @@
 //! Every write goes through a `db` function that is guarded by the lease
 //! epoch; events are published on the bus only after the change commits.
 
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -441,11 +442,15 @@ impl Gateway {
     }
 
     /// Records several successes in one statement; returns those recorded.
-    /// The rest go one by one through [`finish`](Self::finish).
+    /// The rest go one by one through [`finish`](Self::finish). Jobs in
+    /// `acknowledged` had their ack arrive with the result: it is recorded
+    /// by the success (a leased job may succeed directly), and watchers
+    /// still hear `running` before `succeeded`.
     pub async fn succeed_many(
         &self,
         ctx: &AgentContext,
         results: &[(JobId, u64, Option<i32>, Option<TraceContext>)],
+        acknowledged: &HashSet<JobId>,
     ) -> GatewayResult<Vec<db::leases::Succeeded>> {
         let attempts: Vec<(JobId, u64, Option<i32>)> = results
             .iter()
@@ -464,6 +469,13 @@ impl Gateway {
             .iter()
             .map(|(job, epoch, _, trace)| (*job, *epoch, trace.clone()))
             .collect();
+        let started: Vec<(JobId, u32)> = done
+            .iter()
+            .filter(|(job, _)| acknowledged.contains(job))
+            .copied()
+            .collect();
+        self.publish_statuses(ctx, &traced, &started, JobStatus::Running)
+            .await;
         self.publish_statuses(ctx, &traced, &done, JobStatus::Succeeded)
             .await;
         Ok(succeeded)
@@ -479,17 +491,21 @@ impl Gateway {
         status: JobStatus,
     ) {
         use tracing::Instrument;
+        let by_job: HashMap<JobId, (u64, Option<&TraceContext>)> = messages
+            .iter()
+            .map(|(job, epoch, trace)| (*job, (*epoch, trace.as_ref())))
+            .collect();
         let publishes = done.iter().filter_map(|(job, attempt)| {
-            let (_, epoch, trace) = messages.iter().find(|(id, _, _)| id == job)?;
+            let &(epoch, trace) = by_job.get(job)?;
             let span = tracing::info_span!(
                 "agent_message",
                 job.id = %job,
                 job.epoch = epoch,
                 trace_id = tracing::field::Empty
             );
-            telemetry::adopt_trace(&span, trace.as_ref());
+            telemetry::adopt_trace(&span, trace);
             Some(
-                self.publish_status(ctx, *job, *attempt, *epoch, status)
+                self.publish_status(ctx, *job, *attempt, epoch, status)
                     .instrument(span),
             )
         });
@@ -631,33 +647,28 @@ impl Gateway {
             _ => "result",
         };
         let mut conn = self.conn().await?;
-        // As for acknowledgements: the guarded statement first.
-        let mut refused = None;
-        if let Finish::Succeeded { exit_code } = finish {
-            match db::leases::succeed_as(&mut conn, Some(ctx.id), job, epoch, exit_code).await {
-                Ok(succeeded) => {
-                    drop(conn);
-                    let attempt = succeeded.attempt.max(1) as u32;
-                    self.publish_status(ctx, job, attempt, epoch, JobStatus::Succeeded)
-                        .await;
-                    return Ok(JobStatus::Succeeded);
-                }
-                Err(e) => refused = Some(e),
-            }
-        }
-        let row = self
-            .leased_job(&mut conn, ctx, job, epoch, Some(kind))
-            .await?;
-        let status = row.status();
-        if status.is_terminal() || status == JobStatus::Queued {
-            // Only an earlier report of this very attempt can have ended it
-            // while the epoch stayed the same.
-            return Ok(status);
-        }
         let ending = match finish {
-            Finish::Succeeded { .. } => {
-                let refused = refused.unwrap_or(DbError::Conflict("success refused".into()));
-                return Err(GatewayError::from_db(Some(job), refused));
+            // As for acknowledgements: the guarded statement first; the row
+            // is read only to tell a repeated report from a refusal.
+            Finish::Succeeded { exit_code } => {
+                match db::leases::succeed_as(&mut conn, Some(ctx.id), job, epoch, exit_code).await {
+                    Ok(succeeded) => {
+                        drop(conn);
+                        let attempt = succeeded.attempt.max(1) as u32;
+                        self.publish_status(ctx, job, attempt, epoch, JobStatus::Succeeded)
+                            .await;
+                        return Ok(JobStatus::Succeeded);
+                    }
+                    Err(refused) => {
+                        let row = self
+                            .leased_job(&mut conn, ctx, job, epoch, Some(kind))
+                            .await?;
+                        return match row.status() {
+                            status if ended_by_this_attempt(status) => Ok(status),
+                            _ => Err(GatewayError::from_db(Some(job), refused)),
+                        };
+                    }
+                }
             }
             Finish::Failed {
                 exit_code,
@@ -670,6 +681,13 @@ impl Gateway {
             },
             Finish::CancelAcknowledged => Ending::CancelAcknowledged,
         };
+        let row = self
+            .leased_job(&mut conn, ctx, job, epoch, Some(kind))
+            .await?;
+        let status = row.status();
+        if ended_by_this_attempt(status) {
+            return Ok(status);
+        }
         self.end_leased(conn, ctx, &row, epoch, ending).await
     }
 
@@ -767,6 +785,13 @@ impl Gateway {
     pub fn db_error(job: Option<JobId>, error: DbError) -> GatewayError {
         GatewayError::from_db(job, error)
     }
+}
+
+/// A fenced report found its job queued or finished at the same epoch:
+/// only an earlier report of this very attempt can have done that, so the
+/// report is a repeat and is answered with the status it led to.
+fn ended_by_this_attempt(status: JobStatus) -> bool {
+    status.is_terminal() || status == JobStatus::Queued
 }
 
 /// The number of the job's current attempt.

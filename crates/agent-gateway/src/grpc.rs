@@ -130,14 +130,50 @@ fn drop_answered(left: &mut Vec<pb::AgentMessage>, recorded: impl Iterator<Item 
     let mut answered: HashSet<(String, u64)> = recorded
         .map(|(job, epoch)| (job.to_string(), epoch as u64))
         .collect();
-    left.retain(|m| {
-        let about = match &m.msg {
-            Some(AgentMsg::AssignmentAck(ack)) => (ack.job_id.clone(), ack.epoch),
-            Some(AgentMsg::Result(result)) => (result.job_id.clone(), result.epoch),
-            _ => return true,
-        };
-        !answered.remove(&about)
-    });
+    left.retain(|m| attempt_named(m).is_none_or(|attempt| !answered.remove(&attempt)));
+}
+
+/// The attempt an ack or a result is about.
+fn attempt_named(message: &pb::AgentMessage) -> Option<(String, u64)> {
+    match &message.msg {
+        Some(AgentMsg::AssignmentAck(ack)) => Some((ack.job_id.clone(), ack.epoch)),
+        Some(AgentMsg::Result(result)) => Some((result.job_id.clone(), result.epoch)),
+        _ => None,
+    }
+}
+
+/// Every job a message names (a heartbeat names each job it holds).
+fn jobs_named(message: &pb::AgentMessage) -> Vec<&str> {
+    match &message.msg {
+        Some(AgentMsg::Heartbeat(heartbeat)) => heartbeat
+            .running
+            .iter()
+            .map(|j| j.job_id.as_str())
+            .collect(),
+        Some(AgentMsg::AssignmentAck(m)) => vec![&m.job_id],
+        Some(AgentMsg::AssignmentReject(m)) => vec![&m.job_id],
+        Some(AgentMsg::LogChunk(m)) => vec![&m.job_id],
+        Some(AgentMsg::StatusUpdate(m)) => vec![&m.job_id],
+        Some(AgentMsg::Result(m)) => vec![&m.job_id],
+        Some(AgentMsg::CancelAck(m)) => vec![&m.job_id],
+        Some(AgentMsg::Hello(_) | AgentMsg::Draining(_)) | None => Vec::new(),
+    }
+}
+
+/// The acks whose attempt's success is in the same batch while no other
+/// message of the batch names that job: those the success records. (A
+/// log or heartbeat in between needs the job running first.)
+fn acks_recorded_by_success(
+    acks: &[pb::AgentMessage],
+    others: &[pb::AgentMessage],
+    successes: &[pb::AgentMessage],
+) -> HashSet<(String, u64)> {
+    let named: HashSet<&str> = others.iter().flat_map(jobs_named).collect();
+    let succeeding: HashSet<(String, u64)> = successes.iter().filter_map(attempt_named).collect();
+    acks.iter()
+        .filter_map(attempt_named)
+        .filter(|attempt| succeeding.contains(attempt) && !named.contains(attempt.0.as_str()))
+        .collect()
 }
 
 fn parse_job(raw: &str) -> Result<JobId, GatewayError> {
@@ -531,95 +567,104 @@ impl Session {
 
     /// Handles messages that arrived together. Acknowledgements, and then
     /// successful results, are each recorded in one statement when there
-    /// are several; everything else, and whatever those statements did not
+    /// are several; an ack that came with its attempt's success, and with
+    /// nothing else about that job, is recorded by the success itself (one
+    /// write, not two, for a job that ran at once; its `ResultAck` answers
+    /// both). Everything else, and whatever those statements did not
     /// record, goes through [`handle`](Self::handle) one by one. Acks run
     /// first and results last, so each job's ack, logs and result keep
     /// their order.
     async fn handle_batch(&mut self, batch: Vec<pb::AgentMessage>) -> Result<(), End> {
-        let acks: Vec<(JobId, u64, Option<TraceContext>)> = batch
-            .iter()
-            .filter_map(|m| match &m.msg {
-                Some(AgentMsg::AssignmentAck(ack)) => parse_job(&ack.job_id)
-                    .ok()
-                    .map(|job| (job, ack.epoch, trace_from_pb(ack.trace.as_ref()))),
-                _ => None,
-            })
-            .collect();
-        let successes: Vec<(JobId, u64, Option<i32>, Option<TraceContext>)> = batch
-            .iter()
-            .filter_map(|m| match &m.msg {
+        if batch.len() == 1 {
+            return self
+                .handle(batch.into_iter().next().expect("one message"))
+                .await;
+        }
+        let mut acks = Vec::new();
+        let mut middle = Vec::new();
+        let mut successes = Vec::new();
+        for message in batch {
+            match &message.msg {
+                Some(AgentMsg::AssignmentAck(_)) => acks.push(message),
                 Some(AgentMsg::Result(result))
                     if result.outcome == pb::Outcome::Succeeded as i32 =>
                 {
-                    parse_job(&result.job_id).ok().map(|job| {
+                    successes.push(message)
+                }
+                _ => middle.push(message),
+            }
+        }
+        let folded = acks_recorded_by_success(&acks, &middle, &successes);
+        acks.retain(|m| attempt_named(m).is_none_or(|attempt| !folded.contains(&attempt)));
+
+        if acks.len() >= 2 {
+            let parsed: Vec<(JobId, u64, Option<TraceContext>)> = acks
+                .iter()
+                .filter_map(|m| match &m.msg {
+                    Some(AgentMsg::AssignmentAck(ack)) => parse_job(&ack.job_id)
+                        .ok()
+                        .map(|job| (job, ack.epoch, trace_from_pb(ack.trace.as_ref()))),
+                    _ => None,
+                })
+                .collect();
+            if let Ok(started) = self.gateway.acknowledge_many(&self.ctx, &parsed).await {
+                for lease in &started {
+                    tracing::info!(job.id = %lease.job_id, "assignment acknowledged");
+                    self.send(ServerMsg::LeaseUpdate(pb::LeaseUpdate {
+                        job_id: lease.job_id.to_string(),
+                        epoch: lease.epoch as u64,
+                        lease_expires_at_unix_ms: lease.lease_expires_at.timestamp_millis(),
+                        cancel_requested: false,
+                    }))
+                    .await?;
+                }
+                drop_answered(&mut acks, started.iter().map(|s| (s.job_id, s.epoch)));
+            }
+        }
+        for message in acks.into_iter().chain(middle) {
+            self.handle(message).await?;
+        }
+        if successes.len() >= 2 || !folded.is_empty() {
+            let parsed: Vec<(JobId, u64, Option<i32>, Option<TraceContext>)> = successes
+                .iter()
+                .filter_map(|m| match &m.msg {
+                    Some(AgentMsg::Result(result)) => parse_job(&result.job_id).ok().map(|job| {
                         (
                             job,
                             result.epoch,
                             result.exit_code,
                             trace_from_pb(result.trace.as_ref()),
                         )
-                    })
+                    }),
+                    _ => None,
+                })
+                .collect();
+            let acknowledged: HashSet<JobId> = folded
+                .iter()
+                .filter_map(|(job, _)| job.parse().ok())
+                .collect();
+            if let Ok(succeeded) = self
+                .gateway
+                .succeed_many(&self.ctx, &parsed, &acknowledged)
+                .await
+            {
+                for done in &succeeded {
+                    let epoch = done.epoch as u64;
+                    tracing::info!(job.id = %done.job_id, job.epoch = epoch, job.status = "succeeded", "attempt ended");
+                    self.send(ServerMsg::ResultAck(pb::ResultAck {
+                        job_id: done.job_id.to_string(),
+                        epoch,
+                        status: JobStatus::Succeeded.as_str().to_owned(),
+                    }))
+                    .await?;
                 }
-                _ => None,
-            })
-            .collect();
-        if acks.len() < 2 && successes.len() < 2 {
-            for message in batch {
-                self.handle(message).await?;
-            }
-            return Ok(());
-        }
-        let mut acks_left = Vec::new();
-        let mut middle = Vec::new();
-        let mut results_left = Vec::new();
-        for message in batch {
-            match &message.msg {
-                Some(AgentMsg::AssignmentAck(_)) if acks.len() >= 2 => acks_left.push(message),
-                Some(AgentMsg::Result(result))
-                    if successes.len() >= 2 && result.outcome == pb::Outcome::Succeeded as i32 =>
-                {
-                    results_left.push(message)
-                }
-                _ => middle.push(message),
+                drop_answered(
+                    &mut successes,
+                    succeeded.iter().map(|s| (s.job_id, s.epoch)),
+                );
             }
         }
-        if acks.len() >= 2
-            && let Ok(started) = self.gateway.acknowledge_many(&self.ctx, &acks).await
-        {
-            for lease in &started {
-                tracing::info!(job.id = %lease.job_id, "assignment acknowledged");
-                self.send(ServerMsg::LeaseUpdate(pb::LeaseUpdate {
-                    job_id: lease.job_id.to_string(),
-                    epoch: lease.epoch as u64,
-                    lease_expires_at_unix_ms: lease.lease_expires_at.timestamp_millis(),
-                    cancel_requested: false,
-                }))
-                .await?;
-            }
-            drop_answered(&mut acks_left, started.iter().map(|s| (s.job_id, s.epoch)));
-        }
-        for message in acks_left.into_iter().chain(middle) {
-            self.handle(message).await?;
-        }
-        if successes.len() >= 2
-            && let Ok(succeeded) = self.gateway.succeed_many(&self.ctx, &successes).await
-        {
-            for done in &succeeded {
-                let epoch = done.epoch as u64;
-                tracing::info!(job.id = %done.job_id, job.epoch = epoch, job.status = "succeeded", "attempt ended");
-                self.send(ServerMsg::ResultAck(pb::ResultAck {
-                    job_id: done.job_id.to_string(),
-                    epoch,
-                    status: JobStatus::Succeeded.as_str().to_owned(),
-                }))
-                .await?;
-            }
-            drop_answered(
-                &mut results_left,
-                succeeded.iter().map(|s| (s.job_id, s.epoch)),
-            );
-        }
-        for message in results_left {
+        for message in successes {
             self.handle(message).await?;
         }
         Ok(())
@@ -1003,5 +1048,57 @@ impl Session {
             }
             _ => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ack(job: &str, epoch: u64) -> pb::AgentMessage {
+        pb::AgentMessage {
+            msg: Some(AgentMsg::AssignmentAck(pb::AssignmentAck {
+                job_id: job.into(),
+                epoch,
+                trace: None,
+            })),
+        }
+    }
+
+    fn success(job: &str, epoch: u64) -> pb::AgentMessage {
+        pb::AgentMessage {
+            msg: Some(AgentMsg::Result(pb::JobResult {
+                job_id: job.into(),
+                epoch,
+                outcome: pb::Outcome::Succeeded as i32,
+                exit_code: Some(0),
+                error_kind: String::new(),
+                message: String::new(),
+                trace: None,
+            })),
+        }
+    }
+
+    fn heartbeat(job: &str, epoch: u64) -> pb::AgentMessage {
+        pb::AgentMessage {
+            msg: Some(AgentMsg::Heartbeat(pb::Heartbeat {
+                running: vec![pb::RunningJob {
+                    job_id: job.into(),
+                    epoch,
+                    log_offset: 0,
+                }],
+            })),
+        }
+    }
+
+    #[test]
+    fn only_an_ack_whose_success_came_with_it_alone_is_recorded_by_the_success() {
+        let acks = [ack("a", 1), ack("b", 1), ack("c", 1), ack("d", 2)];
+        // b's heartbeat needs it running; c has no result; d's result is
+        // for another epoch.
+        let others = [heartbeat("b", 1)];
+        let successes = [success("a", 1), success("b", 1), success("d", 1)];
+        let folded = acks_recorded_by_success(&acks, &others, &successes);
+        assert_eq!(folded, HashSet::from([("a".to_owned(), 1)]));
     }
 }

@@ -231,6 +231,8 @@ pub struct Succeeded {
 
 /// Records success in one statement: the job, its attempt row and its
 /// concurrency slot change together, only if `epoch` is still current.
+/// A job still `leased` (its ack came with the result, or never) counts
+/// as started now.
 pub async fn succeed(
     conn: &mut PgConn,
     job: JobId,
@@ -274,7 +276,8 @@ pub async fn succeed_many(
     Ok(diesel::sql_query(
         "WITH done AS ( \
             UPDATE jobs j SET status = 'succeeded', exit_code = r.exit_code, error_kind = NULL, \
-                error_message = NULL, finished_at = now(), lease_expires_at = NULL, \
+                error_message = NULL, started_at = COALESCE(j.started_at, now()), \
+                finished_at = now(), lease_expires_at = NULL, \
                 cancel_deadline_at = NULL, updated_at = now() \
             FROM unnest($1::uuid[], $2::int8[], $3::int4[]) AS r(id, epoch, exit_code) \
             WHERE j.id = r.id AND j.lease_epoch = r.epoch AND j.status = ANY($4) \

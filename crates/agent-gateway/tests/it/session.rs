@@ -6,6 +6,7 @@ use domain::JobId;
 use domain::agent::AgentStatus;
 use domain::events::Event;
 use domain::job::JobStatus;
+use futures_util::StreamExt;
 use test_support::{TestDb, TestRedis};
 use yard_proto::v1 as pb;
 use yard_proto::v1::agent_message::Msg as AgentMsg;
@@ -789,6 +790,95 @@ async fn a_burst_of_acks_and_results_is_answered_one_by_one() {
         .map(|(_, line)| line)
         .collect();
     assert_eq!(stored, ["last words"], "the log stored before the result");
+}
+
+/// An ack sent together with its attempt's success needs no write of its
+/// own: the success records both. Either way the agent hears one
+/// `ResultAck` per job and no `Stale`, the attempt has its start time, and
+/// watchers hear `running` before `succeeded`. A job whose heartbeat comes
+/// between its ack and its result is started first, so the heartbeat
+/// finds it running.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ack_sent_with_its_result_is_recorded_by_the_result() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let bus = bus(redis.url(), redis.prefix());
+    let gateway = start(&db, redis.url(), redis.prefix());
+    let token = registration_token(&db).await;
+    let agent = register(&gateway, &token, "runner-1").await;
+    let mut session = RawSession::open(&gateway.grpc_url(), &agent.secret, vec![]).await;
+    wait_online(&db, agent.id).await;
+
+    let quick = submit(&db, "true").await;
+    let quick_epoch = offer(&db, &bus, quick, agent.id).await.epoch as u64;
+    let beating = submit(&db, "true").await;
+    let beating_epoch = offer(&db, &bus, beating, agent.id).await.epoch as u64;
+    session.assignment().await;
+    session.assignment().await;
+    let mut statuses = bus
+        .subscribe(&[bus::Channel::Job(quick)])
+        .await
+        .expect("subscribe");
+
+    session.send(ack(quick, quick_epoch)).await;
+    session.send(result(quick, quick_epoch, 0)).await;
+    session.send(ack(beating, beating_epoch)).await;
+    session
+        .send(AgentMsg::Heartbeat(pb::Heartbeat {
+            running: vec![pb::RunningJob {
+                job_id: beating.to_string(),
+                epoch: beating_epoch,
+                log_offset: 0,
+            }],
+        }))
+        .await;
+    session.send(result(beating, beating_epoch, 0)).await;
+    let mut answered = Vec::new();
+    while answered.len() < 2 {
+        match session.next().await {
+            ServerMsg::ResultAck(done) => {
+                assert_eq!(done.status, "succeeded", "{done:?}");
+                answered.push(done.job_id);
+            }
+            ServerMsg::Stale(stale) => panic!("a stale answer: {stale:?}"),
+            _ => {}
+        }
+    }
+    answered.sort();
+    let mut expected = vec![quick.to_string(), beating.to_string()];
+    expected.sort();
+    assert_eq!(answered, expected);
+
+    let mut seen = Vec::new();
+    while seen.last() != Some(&JobStatus::Succeeded) {
+        let envelope = tokio::time::timeout(Duration::from_secs(5), statuses.next())
+            .await
+            .expect("a status event in time")
+            .expect("subscription open");
+        if let Event::JobStatusChanged { status, .. } = envelope.event {
+            seen.push(status);
+        }
+    }
+    assert_eq!(seen, [JobStatus::Running, JobStatus::Succeeded]);
+
+    let mut conn = db.conn().await;
+    for job in [quick, beating] {
+        assert_eq!(job_row(&db, job).await.status(), JobStatus::Succeeded);
+        let started: Count = diesel_async::RunQueryDsl::get_result(
+            diesel::sql_query(
+                "SELECT count(*) AS count FROM attempts \
+                 WHERE job_id = $1 AND started_at IS NOT NULL AND outcome = 'succeeded'",
+            )
+            .bind::<diesel::sql_types::Uuid, _>(job.as_uuid()),
+            &mut conn,
+        )
+        .await
+        .expect("count attempts");
+        assert_eq!(
+            started.count, 1,
+            "job {job}: one succeeded attempt with a start time"
+        );
+    }
 }
 
 #[derive(diesel::QueryableByName)]
