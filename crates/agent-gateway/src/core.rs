@@ -349,6 +349,7 @@ impl Gateway {
         offers: &[(JobId, u64)],
     ) -> GatewayResult<Vec<AssignmentView>> {
         let ids: Vec<JobId> = offers.iter().map(|(job, _)| *job).collect();
+        let offered: HashSet<(JobId, u64)> = offers.iter().copied().collect();
         let mut conn = self.conn().await?;
         let rows = db::jobs::get_many(&mut conn, &ids)
             .await
@@ -359,7 +360,7 @@ impl Gateway {
                 row.org_id == ctx.org.as_str()
                     && row.agent_id == Some(ctx.id.as_uuid())
                     && row.status() == JobStatus::Leased
-                    && offers.contains(&(row.job_id(), row.lease_epoch.max(0) as u64))
+                    && offered.contains(&(row.job_id(), row.lease_epoch.max(0) as u64))
             })
             .map(AssignmentView::from_job)
             .collect())
@@ -482,7 +483,8 @@ impl Gateway {
     }
 
     /// Publishes `status` for each `done` job, each in a span continuing
-    /// the trace its agent message carried.
+    /// the trace its agent message carried; the last one also wakes the
+    /// scheduler when the status freed capacity.
     async fn publish_statuses(
         &self,
         ctx: &AgentContext,
@@ -495,8 +497,10 @@ impl Gateway {
             .iter()
             .map(|(job, epoch, trace)| (*job, (*epoch, trace.as_ref())))
             .collect();
-        let publishes = done.iter().filter_map(|(job, attempt)| {
+        let frees_capacity = !status.holds_lease();
+        let publishes = done.iter().enumerate().filter_map(|(n, (job, attempt))| {
             let &(epoch, trace) = by_job.get(job)?;
+            let wake = frees_capacity && n + 1 == done.len();
             let span = tracing::info_span!(
                 "agent_message",
                 job.id = %job,
@@ -505,7 +509,7 @@ impl Gateway {
             );
             telemetry::adopt_trace(&span, trace);
             Some(
-                self.publish_status(ctx, *job, *attempt, epoch, status)
+                self.publish_status_waking(ctx, *job, *attempt, epoch, status, wake)
                     .instrument(span),
             )
         });
@@ -734,6 +738,22 @@ impl Gateway {
         epoch: u64,
         status: JobStatus,
     ) {
+        let wake = !status.holds_lease();
+        self.publish_status_waking(ctx, job, attempt, epoch, status, wake)
+            .await
+    }
+
+    /// [`publish_status`](Self::publish_status), waking the scheduler only
+    /// if `wake` (a batch wakes it once, not once per job).
+    async fn publish_status_waking(
+        &self,
+        ctx: &AgentContext,
+        job: JobId,
+        attempt: u32,
+        epoch: u64,
+        status: JobStatus,
+        wake: bool,
+    ) {
         let envelope = Envelope::new(
             ctx.org.clone(),
             Event::JobStatusChanged {
@@ -749,7 +769,7 @@ impl Gateway {
             return;
         };
         let mut channels = vec![Channel::Job(job), Channel::Org(ctx.org.clone())];
-        if !status.holds_lease() {
+        if wake {
             channels.push(Channel::SchedulerWake);
         }
         let published = futures_util::future::join_all(

@@ -4,7 +4,7 @@
 //! on the agent's bus channel (assignments, cancels, drain, revocation from
 //! whichever process issued them) and writes the server's messages.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -926,35 +926,61 @@ impl Session {
     }
 
     /// Handles events that arrived together. When every one of them meant
-    /// for this agent is an offer, their jobs are read in one statement;
-    /// otherwise each goes through [`on_event`](Self::on_event) in order.
+    /// for this agent is an offer, all their jobs are read in one
+    /// statement; otherwise each goes through [`on_event`](Self::on_event)
+    /// in order.
     async fn on_events(&mut self, batch: Vec<Envelope>) -> Result<(), End> {
-        let mine = |envelope: &Envelope| match &envelope.event {
-            Event::AssignmentOffered { agent_id, .. }
-            | Event::CancelRequested { agent_id, .. }
-            | Event::DrainRequested { agent_id }
-            | Event::AgentRevoked { agent_id } => *agent_id == self.ctx.id,
-            _ => false,
-        };
-        let offers: Vec<(JobId, u64)> = batch
-            .iter()
-            .filter_map(|envelope| match &envelope.event {
+        let me = self.ctx.id;
+        let mut offers = Vec::new();
+        let mut commands = 0;
+        for envelope in &batch {
+            match &envelope.event {
                 Event::AssignmentOffered {
                     agent_id,
                     job_id,
                     epoch,
                     ..
-                } if *agent_id == self.ctx.id => Some((*job_id, *epoch)),
-                _ => None,
-            })
-            .collect();
-        if offers.len() < 2 || batch.iter().filter(|e| mine(e)).count() != offers.len() {
-            for envelope in batch {
-                self.on_event(envelope).await?;
+                } if *agent_id == me => offers.push((*job_id, *epoch, envelope.trace.clone())),
+                Event::AssignmentsOffered {
+                    agent_id,
+                    offers: list,
+                } if *agent_id == me => {
+                    offers.extend(list.iter().map(|o| (o.job_id, o.epoch, o.trace.clone())))
+                }
+                Event::CancelRequested { agent_id, .. }
+                | Event::DrainRequested { agent_id }
+                | Event::AgentRevoked { agent_id }
+                    if *agent_id == me =>
+                {
+                    commands += 1
+                }
+                _ => {}
             }
+        }
+        if commands == 0 {
+            return self.deliver_offers(offers).await;
+        }
+        for envelope in batch {
+            self.on_event(envelope).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads the offered jobs in one statement and delivers those still
+    /// leased to this agent at the offered epoch, each in an `assignment`
+    /// span continuing the trace its offer carried.
+    async fn deliver_offers(
+        &mut self,
+        offers: Vec<(JobId, u64, Option<TraceContext>)>,
+    ) -> Result<(), End> {
+        if offers.is_empty() {
             return Ok(());
         }
-        let views = match self.gateway.assignments(&self.ctx, &offers).await {
+        let current: Vec<(JobId, u64)> = offers
+            .iter()
+            .map(|(job, epoch, _)| (*job, *epoch))
+            .collect();
+        let views = match self.gateway.assignments(&self.ctx, &current).await {
             Ok(views) => views,
             Err(e) => {
                 // The leases lapse and are requeued if we cannot deliver.
@@ -962,16 +988,12 @@ impl Session {
                 return Ok(());
             }
         };
+        let mut traces: HashMap<(JobId, u64), Option<TraceContext>> = offers
+            .into_iter()
+            .map(|(job, epoch, trace)| ((job, epoch), trace))
+            .collect();
         for view in views {
-            let offered = batch.iter().find_map(|envelope| match &envelope.event {
-                Event::AssignmentOffered { job_id, epoch, .. }
-                    if *job_id == view.job_id && *epoch == view.epoch =>
-                {
-                    Some(envelope.trace.clone())
-                }
-                _ => None,
-            });
-            let offered = offered.flatten();
+            let offered = traces.remove(&(view.job_id, view.epoch)).flatten();
             let span = tracing::info_span!(
                 "assignment",
                 job.id = %view.job_id,
@@ -994,29 +1016,15 @@ impl Session {
                 epoch,
                 ..
             } if agent_id == self.ctx.id => {
-                // Continue the job's trace from the offer, and hand it on
-                // to the agent on the assignment.
-                let span = tracing::info_span!(
-                    "assignment",
-                    job.id = %job_id,
-                    job.epoch = epoch,
-                    trace_id = tracing::field::Empty
-                );
-                let offered = envelope.trace;
-                telemetry::adopt_trace(&span, offered.as_ref());
-                async {
-                    match self.gateway.assignment(&self.ctx, job_id, epoch).await {
-                        Ok(Some(view)) => self.deliver(view, offered.as_ref()).await,
-                        Ok(None) => Ok(()),
-                        Err(e) => {
-                            // The lease lapses and is requeued if we cannot deliver.
-                            e.log();
-                            Ok(())
-                        }
-                    }
-                }
-                .instrument(span)
-                .await
+                self.deliver_offers(vec![(job_id, epoch, envelope.trace)])
+                    .await
+            }
+            Event::AssignmentsOffered { agent_id, offers } if agent_id == self.ctx.id => {
+                let offers = offers
+                    .into_iter()
+                    .map(|o| (o.job_id, o.epoch, o.trace))
+                    .collect();
+                self.deliver_offers(offers).await
             }
             Event::CancelRequested {
                 agent_id,

@@ -305,6 +305,13 @@ async fn claim_jobs(
                             offered.insert(job_id, trace);
                         }
                     }
+                    Event::AssignmentsOffered { offers, .. } => {
+                        for offer in offers {
+                            if let Some(trace) = offer.trace {
+                                offered.insert(offer.job_id, trace);
+                            }
+                        }
+                    }
                     Event::AgentRevoked { agent_id } if agent_id == ctx.id => {
                         tokens::revoke_all(&gateway.bus, ctx.id).await;
                         return Err(GatewayError::Unauthenticated("this agent's credential was revoked"));

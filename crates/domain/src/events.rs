@@ -100,6 +100,19 @@ pub struct LogLine {
     pub line: String,
 }
 
+/// One lease of an [`Event::AssignmentsOffered`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Offer {
+    pub job_id: JobId,
+    pub epoch: u64,
+    pub attempt: u32,
+    pub lease_expires_at: DateTime<Utc>,
+    /// The trace this offer continues (the job's own, through the
+    /// scheduler's offer span); the envelope's trace is the dispatch's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceContext>,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
@@ -143,6 +156,12 @@ pub enum Event {
         attempt: u32,
         lease_expires_at: DateTime<Utc>,
     },
+    /// Several leases to one agent from one dispatch, in one message instead
+    /// of one each: deliver every assignment.
+    AssignmentsOffered {
+        agent_id: AgentId,
+        offers: Vec<Offer>,
+    },
     /// Stop the job running at `epoch`; after `grace_ms` the cancel is forced.
     CancelRequested {
         agent_id: AgentId,
@@ -165,6 +184,7 @@ impl Event {
             Event::AgentStatusChanged { .. } => "agent_status_changed",
             Event::QueueChanged { .. } => "queue_changed",
             Event::AssignmentOffered { .. } => "assignment_offered",
+            Event::AssignmentsOffered { .. } => "assignments_offered",
             Event::CancelRequested { .. } => "cancel_requested",
             Event::DrainRequested { .. } => "drain_requested",
             Event::AgentRevoked { .. } => "agent_revoked",

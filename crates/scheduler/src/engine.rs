@@ -1,6 +1,7 @@
 //! The scheduling loop: sweep when due, dispatch on every wake-up, sleep
 //! until the next wake-up, sweep or due `run_at`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -9,7 +10,7 @@ use chrono::Utc;
 use db::dispatch::{DispatchSettings, Granted};
 use db::leases::{Ending, Timeout};
 use db::{Db, DbError};
-use domain::events::{Envelope, Event};
+use domain::events::{Envelope, Event, Offer};
 use domain::job::JobStatus;
 use domain::retry::InfraReason;
 use domain::{AgentId, JobId, OrgId};
@@ -155,51 +156,70 @@ impl Engine {
                 trace_id = tracing::field::Empty
             );
             telemetry::record_trace_id(&span);
-            join_all(granted.iter().map(|lease| self.offer(&org, lease)))
-                .instrument(span)
-                .await;
+            self.offer(&org, &granted).instrument(span).await;
         }
         Ok(())
     }
 
-    /// Tells the agent's gateway about a lease, and watchers about the
-    /// status, in a span continuing the job's own trace when it is known.
-    async fn offer(&self, org: &OrgId, lease: &Granted) {
+    /// Tells each agent's gateway about its leases (one message per agent)
+    /// and watchers about each status, each lease in an `offer` span
+    /// continuing its job's own trace when it is known.
+    async fn offer(&self, org: &OrgId, granted: &[Granted]) {
         use tracing::Instrument;
-        let span = tracing::info_span!(
-            "offer",
-            job.id = %lease.job_id,
-            job.epoch = lease.epoch,
-            agent.id = %lease.agent_id,
-            trace_id = tracing::field::Empty
-        );
-        telemetry::adopt_trace(&span, lease.trace().as_ref());
-        self.publish_offer(org, lease).instrument(span).await;
-    }
-
-    async fn publish_offer(&self, org: &OrgId, lease: &Granted) {
-        let offer = Envelope::new(
-            org.clone(),
-            Event::AssignmentOffered {
-                agent_id: AgentId(lease.agent_id),
+        let mut by_agent: HashMap<Uuid, Vec<Offer>> = HashMap::new();
+        let mut statuses = Vec::with_capacity(granted.len());
+        for lease in granted {
+            let span = tracing::info_span!(
+                "offer",
+                job.id = %lease.job_id,
+                job.epoch = lease.epoch,
+                agent.id = %lease.agent_id,
+                trace_id = tracing::field::Empty
+            );
+            telemetry::adopt_trace(&span, lease.trace().as_ref());
+            by_agent.entry(lease.agent_id).or_default().push(Offer {
                 job_id: JobId(lease.job_id),
                 epoch: lease.epoch as u64,
                 attempt: lease.attempt as u32,
                 lease_expires_at: lease.lease_expires_at,
-            },
-        )
-        .with_trace(telemetry::current_trace_context());
-        let channel = Channel::Agent(AgentId(lease.agent_id));
-        let offered = self.bus.publish_best_effort(&channel, &offer);
-        let status = self.announce(
-            org,
-            lease.job_id,
-            JobStatus::Leased,
-            lease.attempt as u32,
-            lease.epoch as u64,
-            Some(lease.agent_id),
-        );
-        futures_util::join!(offered, status);
+                trace: telemetry::trace_context_of(&span),
+            });
+            let status = self.announce(
+                org,
+                lease.job_id,
+                JobStatus::Leased,
+                lease.attempt as u32,
+                lease.epoch as u64,
+                Some(lease.agent_id),
+            );
+            statuses.push(status.instrument(span));
+        }
+        let offers = by_agent.into_iter().map(|(agent, mut offers)| {
+            let agent_id = AgentId(agent);
+            // A single lease keeps the single-offer message (and its trace
+            // on the envelope), which gateways of every version read.
+            let (event, trace) = if offers.len() == 1 {
+                let offer = offers.pop().expect("one offer");
+                let event = Event::AssignmentOffered {
+                    agent_id,
+                    job_id: offer.job_id,
+                    epoch: offer.epoch,
+                    attempt: offer.attempt,
+                    lease_expires_at: offer.lease_expires_at,
+                };
+                (event, offer.trace)
+            } else {
+                let event = Event::AssignmentsOffered { agent_id, offers };
+                (event, telemetry::current_trace_context())
+            };
+            let envelope = Envelope::new(org.clone(), event).with_trace(trace);
+            async move {
+                self.bus
+                    .publish_best_effort(&Channel::Agent(agent_id), &envelope)
+                    .await
+            }
+        });
+        futures_util::join!(join_all(offers), join_all(statuses));
     }
 
     async fn announce(

@@ -881,6 +881,86 @@ async fn an_ack_sent_with_its_result_is_recorded_by_the_result() {
     }
 }
 
+/// One message can offer an agent several leases (the scheduler sends one
+/// per agent per dispatch): each current one is delivered once, in the
+/// trace its own offer carries; a repeat and an outdated epoch are not.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batched_offer_delivers_each_current_assignment_once_in_its_own_trace() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let bus = bus(redis.url(), redis.prefix());
+    let gateway = start(&db, redis.url(), redis.prefix());
+    let token = registration_token(&db).await;
+    let agent = register(&gateway, &token, "runner-1").await;
+    let mut session = RawSession::open(&gateway.grpc_url(), &agent.secret, vec![]).await;
+    wait_online(&db, agent.id).await;
+
+    let mut conn = db.conn().await;
+    let mut offers = Vec::new();
+    for n in 0..3u8 {
+        let job = submit(&db, &format!("echo {n}")).await;
+        let lease = db::leases::lease_job(&mut conn, job, agent.id, ACK_TIMEOUT)
+            .await
+            .expect("lease");
+        offers.push(domain::events::Offer {
+            job_id: job,
+            epoch: lease.epoch as u64,
+            attempt: lease.attempt as u32,
+            lease_expires_at: lease.expires_at,
+            trace: Some(domain::events::TraceContext {
+                traceparent: format!("00-{:032x}-{:016x}-01", u128::from(n) + 1, 7),
+                tracestate: None,
+            }),
+        });
+    }
+    drop(conn);
+    let mut sent = offers.clone();
+    sent.push(offers[0].clone());
+    sent.push(domain::events::Offer {
+        epoch: offers[1].epoch + 1,
+        ..offers[1].clone()
+    });
+    publish_to_agent(
+        &bus,
+        agent.id,
+        Event::AssignmentsOffered {
+            agent_id: agent.id,
+            offers: sent,
+        },
+    )
+    .await;
+
+    let mut delivered = Vec::new();
+    for _ in 0..offers.len() {
+        let assignment = session.assignment().await;
+        let trace_id = assignment
+            .trace
+            .as_ref()
+            .and_then(|t| telemetry::trace_id_in(&t.traceparent).map(str::to_owned));
+        delivered.push((assignment.job_id, assignment.epoch, trace_id));
+    }
+    delivered.sort();
+    let mut expected: Vec<(String, u64, Option<String>)> = offers
+        .iter()
+        .map(|o| {
+            let trace = o.trace.as_ref().expect("trace");
+            let trace_id = telemetry::trace_id_in(&trace.traceparent).map(str::to_owned);
+            (o.job_id.to_string(), o.epoch, trace_id)
+        })
+        .collect();
+    expected.sort();
+    assert_eq!(delivered, expected);
+    let extra = tokio::time::timeout(Duration::from_millis(500), async {
+        loop {
+            if let ServerMsg::Assignment(a) = session.next().await {
+                return a;
+            }
+        }
+    })
+    .await;
+    assert!(extra.is_err(), "delivered again: {extra:?}");
+}
+
 #[derive(diesel::QueryableByName)]
 struct Count {
     #[diesel(sql_type = diesel::sql_types::BigInt)]

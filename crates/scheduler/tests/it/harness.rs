@@ -242,52 +242,76 @@ async fn run_agent(
             _ = stop.cancelled() => return,
             event = events.next() => match event { Some(e) => e, None => return },
         };
-        let Event::AssignmentOffered {
-            job_id,
-            epoch,
-            agent_id,
-            ..
-        } = event.event
-        else {
-            continue;
+        let (agent_id, offers) = match event.event {
+            Event::AssignmentOffered {
+                job_id,
+                epoch,
+                agent_id,
+                ..
+            } => (agent_id, vec![(job_id, epoch)]),
+            Event::AssignmentsOffered { agent_id, offers } => (
+                agent_id,
+                offers.iter().map(|o| (o.job_id, o.epoch)).collect(),
+            ),
+            _ => continue,
         };
         assert_eq!(agent_id, id, "offer delivered to the wrong agent");
-        let db = db.clone();
-        let bus = bus.clone();
-        let org = org.clone();
-        let journal = journal.clone();
-        tokio::spawn(async move {
-            let mut conn = db.conn().await.expect("conn");
-            if db::leases::start(&mut conn, job_id, epoch, lease_ttl)
-                .await
-                .is_err()
-            {
-                return;
-            }
-            journal.lock().await.started.push((job_id, epoch, id));
-            match behaviour {
-                Behaviour::Succeed(work) => {
-                    tokio::time::sleep(work).await;
-                    if db::leases::succeed(&mut conn, job_id, epoch, Some(0))
-                        .await
-                        .is_ok()
-                    {
-                        journal.lock().await.finished.push((job_id, epoch));
-                    }
-                }
-                Behaviour::Fail => {
-                    let ending = db::leases::Ending::Failed {
-                        exit_code: Some(1),
-                        error_kind: None,
-                        message: Some("simulated failure".into()),
-                    };
-                    let _ = db::leases::end_attempt(&mut conn, job_id, Some(epoch), ending).await;
-                }
-                Behaviour::GoSilent => return,
-            }
-            wake(&bus, &org).await;
-        });
+        for (job_id, epoch) in offers {
+            run_job(
+                &db, &bus, &org, id, job_id, epoch, lease_ttl, behaviour, &journal,
+            );
+        }
     }
+}
+
+/// Runs one offered job as `behaviour` says, in its own task.
+#[expect(clippy::too_many_arguments, reason = "the agent's whole context")]
+fn run_job(
+    db: &db::Db,
+    bus: &Bus,
+    org: &OrgId,
+    id: AgentId,
+    job_id: JobId,
+    epoch: u64,
+    lease_ttl: Duration,
+    behaviour: Behaviour,
+    journal: &Arc<Mutex<Journal>>,
+) {
+    let db = db.clone();
+    let bus = bus.clone();
+    let org = org.clone();
+    let journal = journal.clone();
+    tokio::spawn(async move {
+        let mut conn = db.conn().await.expect("conn");
+        if db::leases::start(&mut conn, job_id, epoch, lease_ttl)
+            .await
+            .is_err()
+        {
+            return;
+        }
+        journal.lock().await.started.push((job_id, epoch, id));
+        match behaviour {
+            Behaviour::Succeed(work) => {
+                tokio::time::sleep(work).await;
+                if db::leases::succeed(&mut conn, job_id, epoch, Some(0))
+                    .await
+                    .is_ok()
+                {
+                    journal.lock().await.finished.push((job_id, epoch));
+                }
+            }
+            Behaviour::Fail => {
+                let ending = db::leases::Ending::Failed {
+                    exit_code: Some(1),
+                    error_kind: None,
+                    message: Some("simulated failure".into()),
+                };
+                let _ = db::leases::end_attempt(&mut conn, job_id, Some(epoch), ending).await;
+            }
+            Behaviour::GoSilent => return,
+        }
+        wake(&bus, &org).await;
+    });
 }
 
 /// Polls until every job in `ids` is in a terminal status, or panics.
