@@ -482,9 +482,8 @@ impl Gateway {
         Ok(succeeded)
     }
 
-    /// Publishes `status` for each `done` job, each in a span continuing
-    /// the trace its agent message carried; the last one also wakes the
-    /// scheduler when the status freed capacity.
+    /// Publishes `status` for each `done` job, each continuing the trace
+    /// its agent message carried.
     async fn publish_statuses(
         &self,
         ctx: &AgentContext,
@@ -492,28 +491,30 @@ impl Gateway {
         done: &[(JobId, u32)],
         status: JobStatus,
     ) {
-        use tracing::Instrument;
         let by_job: HashMap<JobId, (u64, Option<&TraceContext>)> = messages
             .iter()
             .map(|(job, epoch, trace)| (*job, (*epoch, trace.as_ref())))
             .collect();
-        let frees_capacity = !status.holds_lease();
-        let publishes = done.iter().enumerate().filter_map(|(n, (job, attempt))| {
-            let &(epoch, trace) = by_job.get(job)?;
-            let wake = frees_capacity && n + 1 == done.len();
-            let span = tracing::info_span!(
-                "agent_message",
-                job.id = %job,
-                job.epoch = epoch,
-                trace_id = tracing::field::Empty
-            );
-            telemetry::adopt_trace(&span, trace);
-            Some(
-                self.publish_status_waking(ctx, *job, *attempt, epoch, status, wake)
-                    .instrument(span),
-            )
-        });
-        futures_util::future::join_all(publishes).await;
+        let changes: Vec<StatusChange> = done
+            .iter()
+            .filter_map(|(job, attempt)| {
+                let &(epoch, trace) = by_job.get(job)?;
+                let span = tracing::info_span!(
+                    "agent_message",
+                    job.id = %job,
+                    job.epoch = epoch,
+                    trace_id = tracing::field::Empty
+                );
+                telemetry::adopt_trace(&span, trace);
+                Some(StatusChange {
+                    job: *job,
+                    attempt: *attempt,
+                    epoch,
+                    trace: telemetry::trace_context_of(&span),
+                })
+            })
+            .collect();
+        self.publish_status_changes(ctx, &changes, status).await;
     }
 
     /// The agent gives the job back: queued again after `delay`, no attempt spent.
@@ -728,8 +729,7 @@ impl Gateway {
     }
 
     /// Publishes a status change on the job's and the org's channels, and
-    /// wakes the scheduler when the change freed capacity. The publishes go
-    /// out together over the multiplexed connection.
+    /// wakes the scheduler when the change freed capacity.
     async fn publish_status(
         &self,
         ctx: &AgentContext,
@@ -738,55 +738,54 @@ impl Gateway {
         epoch: u64,
         status: JobStatus,
     ) {
-        let wake = !status.holds_lease();
-        self.publish_status_waking(ctx, job, attempt, epoch, status, wake)
-            .await
+        let change = StatusChange {
+            job,
+            attempt,
+            epoch,
+            trace: telemetry::current_trace_context(),
+        };
+        self.publish_status_changes(ctx, &[change], status).await;
     }
 
-    /// [`publish_status`](Self::publish_status), waking the scheduler only
-    /// if `wake` (a batch wakes it once, not once per job).
-    async fn publish_status_waking(
+    /// Publishes `status` for each job on its own and its org's channel, all
+    /// in one pipeline, and wakes the scheduler once when the status freed
+    /// capacity.
+    async fn publish_status_changes(
         &self,
         ctx: &AgentContext,
-        job: JobId,
-        attempt: u32,
-        epoch: u64,
+        changes: &[StatusChange],
         status: JobStatus,
-        wake: bool,
     ) {
-        let envelope = Envelope::new(
-            ctx.org.clone(),
-            Event::JobStatusChanged {
-                job_id: job,
-                status,
-                attempt,
-                epoch,
-                agent_id: Some(ctx.id),
-            },
-        )
-        .with_trace(telemetry::current_trace_context());
-        let Ok(payload) = serde_json::to_string(&envelope) else {
-            return;
-        };
-        let mut channels = vec![Channel::Job(job), Channel::Org(ctx.org.clone())];
-        if wake {
-            channels.push(Channel::SchedulerWake);
+        let mut messages = Vec::with_capacity(2 * changes.len() + 1);
+        for change in changes {
+            let envelope = Envelope::new(
+                ctx.org.clone(),
+                Event::JobStatusChanged {
+                    job_id: change.job,
+                    status,
+                    attempt: change.attempt,
+                    epoch: change.epoch,
+                    agent_id: Some(ctx.id),
+                },
+            )
+            .with_trace(change.trace.clone());
+            let Ok(payload) = serde_json::to_string(&envelope) else {
+                continue;
+            };
+            messages.push((Channel::Job(change.job), payload.clone()));
+            messages.push((Channel::Org(ctx.org.clone()), payload));
         }
-        let published = futures_util::future::join_all(
-            channels
-                .iter()
-                .map(|channel| self.bus.publish_raw(channel, payload.clone())),
-        )
-        .await;
-        for (channel, result) in channels.iter().zip(published) {
-            if let Err(error) = result {
-                tracing::warn!(error = %error, channel = %self.bus.channel_name(channel),
-                    "event not published; consumers will catch up from PostgreSQL");
-            }
+        if !status.holds_lease()
+            && let Some((_, payload)) = messages.last()
+        {
+            messages.push((Channel::SchedulerWake, payload.clone()));
+        }
+        if let Err(error) = self.bus.publish_many(&messages).await {
+            tracing::warn!(error = %error, status = status.as_str(), jobs = changes.len(),
+                "status events not published; consumers will catch up from PostgreSQL");
         }
     }
 
-    /// Wakes the scheduler (an agent has room for work).
     pub async fn wake_scheduler(&self, ctx: &AgentContext) {
         let envelope = Envelope::new(
             ctx.org.clone(),
@@ -805,6 +804,14 @@ impl Gateway {
     pub fn db_error(job: Option<JobId>, error: DbError) -> GatewayError {
         GatewayError::from_db(job, error)
     }
+}
+
+/// One job's status change to announce, in the trace it continues.
+struct StatusChange {
+    job: JobId,
+    attempt: u32,
+    epoch: u64,
+    trace: Option<TraceContext>,
 }
 
 /// A fenced report found its job queued or finished at the same epoch:

@@ -407,6 +407,40 @@ impl Bus {
         .await
     }
 
+    /// Publishes several already serialized payloads: on a single Redis or
+    /// behind Sentinel as one pipeline (one write, one round trip, instead
+    /// of one each); on a cluster each to its own shard. Fails if any
+    /// publish failed.
+    pub async fn publish_many(&self, messages: &[(Channel, String)]) -> BusResult<()> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        if let Backend::Cluster(_) = self.backend {
+            let published = futures_util::future::join_all(
+                messages
+                    .iter()
+                    .map(|(channel, payload)| self.publish_raw(channel, payload.clone())),
+            )
+            .await;
+            return published
+                .into_iter()
+                .try_for_each(|result| result.map(drop));
+        }
+        let mut pipeline = redis::pipe();
+        for (channel, payload) in messages {
+            pipeline
+                .publish(self.channel_name(channel), payload)
+                .ignore();
+        }
+        let mut conn = self.conn.clone();
+        metrics::observe_publishes(
+            messages.iter().map(|(channel, _)| channel),
+            pipeline.query_async::<()>(&mut conn),
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Publishes, logging instead of failing: for the after-commit
     /// notifications whose loss the periodic sweeps repair.
     pub async fn publish_best_effort(&self, channel: &Channel, envelope: &Envelope) {

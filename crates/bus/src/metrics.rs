@@ -101,6 +101,26 @@ pub(crate) async fn observe_publish<T, E>(
     result
 }
 
+/// [`observe_publish`] for a pipeline of publishes: each counts, each
+/// takes the pipeline's time, and each fails if it failed.
+pub(crate) async fn observe_publishes<'a, T, E>(
+    channels: impl Iterator<Item = &'a Channel>,
+    publish: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    let started = Instant::now();
+    let result = publish.await;
+    let elapsed = started.elapsed().as_secs_f64();
+    for channel in channels {
+        let label = [kind(channel)];
+        METRICS.published.with_label_values(&label).inc();
+        METRICS.duration.with_label_values(&label).observe(elapsed);
+        if result.is_err() {
+            METRICS.failed.with_label_values(&label).inc();
+        }
+    }
+    result
+}
+
 /// A subscription stream that counts its channels while it lives.
 pub(crate) struct Counted<S> {
     inner: Pin<Box<S>>,

@@ -15,7 +15,6 @@ use domain::job::JobStatus;
 use domain::retry::InfraReason;
 use domain::{AgentId, JobId, OrgId};
 use futures_util::StreamExt;
-use futures_util::future::join_all;
 use prometheus::Registry;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -162,12 +161,11 @@ impl Engine {
     }
 
     /// Tells each agent's gateway about its leases (one message per agent)
-    /// and watchers about each status, each lease in an `offer` span
-    /// continuing its job's own trace when it is known.
+    /// and watchers about each status, all in one pipeline; each lease in
+    /// an `offer` span continuing its job's own trace when it is known.
     async fn offer(&self, org: &OrgId, granted: &[Granted]) {
-        use tracing::Instrument;
         let mut by_agent: HashMap<Uuid, Vec<Offer>> = HashMap::new();
-        let mut statuses = Vec::with_capacity(granted.len());
+        let mut statuses = Vec::with_capacity(2 * granted.len());
         for lease in granted {
             let span = tracing::info_span!(
                 "offer",
@@ -177,24 +175,32 @@ impl Engine {
                 trace_id = tracing::field::Empty
             );
             telemetry::adopt_trace(&span, lease.trace().as_ref());
+            let trace = telemetry::trace_context_of(&span);
+            let status = Envelope::new(
+                org.clone(),
+                Event::JobStatusChanged {
+                    job_id: JobId(lease.job_id),
+                    status: JobStatus::Leased,
+                    attempt: lease.attempt as u32,
+                    epoch: lease.epoch as u64,
+                    agent_id: Some(AgentId(lease.agent_id)),
+                },
+            )
+            .with_trace(trace.clone());
+            if let Ok(payload) = serde_json::to_string(&status) {
+                statuses.push((Channel::Job(JobId(lease.job_id)), payload.clone()));
+                statuses.push((Channel::Org(org.clone()), payload));
+            }
             by_agent.entry(lease.agent_id).or_default().push(Offer {
                 job_id: JobId(lease.job_id),
                 epoch: lease.epoch as u64,
                 attempt: lease.attempt as u32,
                 lease_expires_at: lease.lease_expires_at,
-                trace: telemetry::trace_context_of(&span),
+                trace,
             });
-            let status = self.announce(
-                org,
-                lease.job_id,
-                JobStatus::Leased,
-                lease.attempt as u32,
-                lease.epoch as u64,
-                Some(lease.agent_id),
-            );
-            statuses.push(status.instrument(span));
         }
-        let offers = by_agent.into_iter().map(|(agent, mut offers)| {
+        let mut messages = Vec::with_capacity(by_agent.len() + statuses.len());
+        for (agent, mut offers) in by_agent {
             let agent_id = AgentId(agent);
             // A single lease keeps the single-offer message (and its trace
             // on the envelope), which gateways of every version read.
@@ -213,13 +219,16 @@ impl Engine {
                 (event, telemetry::current_trace_context())
             };
             let envelope = Envelope::new(org.clone(), event).with_trace(trace);
-            async move {
-                self.bus
-                    .publish_best_effort(&Channel::Agent(agent_id), &envelope)
-                    .await
+            if let Ok(payload) = serde_json::to_string(&envelope) {
+                messages.push((Channel::Agent(agent_id), payload));
             }
-        });
-        futures_util::join!(join_all(offers), join_all(statuses));
+        }
+        // Offers first: they are what the agents wait for.
+        messages.extend(statuses);
+        if let Err(error) = self.bus.publish_many(&messages).await {
+            tracing::warn!(error = %error, org.id = %org, leases = granted.len(),
+                "offers not published; unacknowledged leases lapse and are queued again");
+        }
     }
 
     async fn announce(

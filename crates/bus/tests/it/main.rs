@@ -45,6 +45,44 @@ async fn published_events_reach_subscribers_intact() {
     assert_eq!(received, sent);
 }
 
+/// Several payloads published together reach each channel's subscribers,
+/// each channel's in the order given.
+#[tokio::test(flavor = "multi_thread")]
+async fn payloads_published_together_each_reach_their_channel_in_order() {
+    let redis = TestRedis::new();
+    let bus = Bus::connect(&test_support::bus_config(redis.url(), redis.prefix())).expect("bus");
+    let (acme, globex) = (
+        OrgId::parse("acme").expect("org"),
+        OrgId::parse("globex").expect("org"),
+    );
+    let mut acme_events = bus
+        .subscribe(&[Channel::Org(acme.clone())])
+        .await
+        .expect("subscribe");
+    let mut globex_events = bus
+        .subscribe(&[Channel::Org(globex.clone())])
+        .await
+        .expect("subscribe");
+    let sent = [created(&acme), created(&globex), created(&acme)];
+    let messages: Vec<(Channel, String)> = sent
+        .iter()
+        .map(|e| {
+            let payload = serde_json::to_string(e).expect("encode");
+            (Channel::Org(e.org_id.clone()), payload)
+        })
+        .collect();
+    bus.publish_many(&messages).await.expect("publish");
+    let mut next = async |events: &mut (dyn futures_util::Stream<Item = Envelope> + Unpin)| {
+        tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .expect("in time")
+            .expect("an event")
+    };
+    assert_eq!(next(&mut acme_events).await, sent[0]);
+    assert_eq!(next(&mut acme_events).await, sent[2]);
+    assert_eq!(next(&mut globex_events).await, sent[1]);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn prefixes_isolate_tests_sharing_one_redis() {
     let (mine, theirs) = (TestRedis::new(), TestRedis::new());
