@@ -72,7 +72,7 @@ async fn payloads_published_together_each_reach_their_channel_in_order() {
         })
         .collect();
     bus.publish_many(&messages).await.expect("publish");
-    let mut next = async |events: &mut (dyn futures_util::Stream<Item = Envelope> + Unpin)| {
+    let next = async |events: &mut (dyn futures_util::Stream<Item = Envelope> + Unpin)| {
         tokio::time::timeout(Duration::from_secs(5), events.next())
             .await
             .expect("in time")
