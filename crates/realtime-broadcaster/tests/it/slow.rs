@@ -15,8 +15,11 @@ async fn a_slow_consumer_is_closed_with_4008_and_others_are_unaffected() {
     let db = TestDb::new().await;
     let redis = TestRedis::new();
     let mut config = config(&db, redis.url(), redis.prefix());
-    config.settings.send_queue_frames = 8;
-    config.settings.feed_queue_items = 16;
+    // Small enough that 24 MB unread overflows them many times over, big
+    // enough that a reader sharing two busy cores with the whole suite
+    // keeps up (8 and 16 closed the fast client too under CI load).
+    config.settings.send_queue_frames = 32;
+    config.settings.feed_queue_items = 64;
     let service = start_with(config);
     let mut writer = Writer::new(&db, bus(redis.url(), redis.prefix()), "acme").await;
     let channel = writer.channel();
