@@ -212,6 +212,9 @@ async fn a_client_resumes_after_the_broadcaster_process_is_killed() {
         .expect("free port")
         .port();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    // Both processes' warnings, shown if the test fails.
+    let log_path = std::env::temp_dir().join(format!("broadcaster-kill-test-{port}.log"));
+    let log = std::fs::File::create(&log_path).expect("log file");
     let spawn = || {
         std::process::Command::new(env!("CARGO_BIN_EXE_realtime-broadcaster"))
             .env_clear()
@@ -226,7 +229,7 @@ async fn a_client_resumes_after_the_broadcaster_process_is_killed() {
             .env("HTTP_WORKERS", "1")
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(log.try_clone().expect("broadcaster log"))
             .spawn()
             .map(KillOnDrop)
             .expect("start the broadcaster binary")
@@ -258,6 +261,7 @@ async fn a_client_resumes_after_the_broadcaster_process_is_killed() {
 
     let mut seqs: Vec<i64> = Vec::new();
     let mut killed = false;
+    let mut retries = 0;
     loop {
         let ws_url = format!("ws://{addr}/v1/ws?access_token={token}");
         let (ws, _) = tokio_tungstenite::connect_async(ws_url)
@@ -268,8 +272,27 @@ async fn a_client_resumes_after_the_broadcaster_process_is_killed() {
             .subscribe(&channel, seqs.last().copied().unwrap_or(0))
             .await;
         let mut finished = false;
+        let mut retry = false;
         // Until the end of the job, or the connection drops with the kill.
-        while let Incoming::Frame(frame) = client.next_within(Duration::from_secs(20)).await {
+        loop {
+            let Ok(incoming) = tokio::time::timeout(Duration::from_secs(20), client.next()).await
+            else {
+                panic!(
+                    "no message within 20 s after {} lines (killed: {killed}); broadcaster log:\n{}",
+                    seqs.len(),
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            };
+            let Incoming::Frame(frame) = incoming else {
+                break;
+            };
+            if frame.kind == "error" {
+                // A restarted broadcaster may not reach storage at once; its
+                // answer says to subscribe again.
+                assert_eq!(frame.code.as_deref(), Some("unavailable"), "{frame:?}");
+                retry = true;
+                break;
+            }
             seqs.extend(frame.lines.iter().map(|l| l.seq));
             if frame.kind == "status" && frame.terminal == Some(true) {
                 finished = true;
@@ -284,6 +307,16 @@ async fn a_client_resumes_after_the_broadcaster_process_is_killed() {
         if finished {
             break;
         }
+        if retry {
+            retries += 1;
+            assert!(
+                retries <= 25,
+                "storage stayed unavailable; broadcaster log:\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
         assert!(killed, "the connection ended without a kill");
         tokio::time::sleep(Duration::from_millis(300)).await;
         process = spawn();
@@ -293,6 +326,7 @@ async fn a_client_resumes_after_the_broadcaster_process_is_killed() {
     let last = writing.await.expect("writer");
     assert_exactly(&seqs, 1, last, "client across a SIGKILL");
     drop(process);
+    let _ = std::fs::remove_file(&log_path);
 }
 
 /// A child process killed when the test ends, even by a panic.
