@@ -769,11 +769,7 @@ impl Gateway {
                 },
             )
             .with_trace(change.trace.clone());
-            let Ok(payload) = serde_json::to_string(&envelope) else {
-                continue;
-            };
-            messages.push((Channel::Job(change.job), payload.clone()));
-            messages.push((Channel::Org(ctx.org.clone()), payload));
+            messages.extend(bus::status_messages(&envelope).into_iter().flatten());
         }
         if !status.holds_lease()
             && let Some((_, payload)) = messages.last()

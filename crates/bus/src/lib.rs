@@ -293,6 +293,22 @@ impl redis::aio::ConnectionLike for Connection {
     }
 }
 
+/// The messages announcing a `JobStatusChanged` envelope: the same
+/// payload on the job's channel and on its org's. `None` for any other
+/// event, or one that does not serialize (logged).
+pub fn status_messages(envelope: &Envelope) -> Option<[(Channel, String); 2]> {
+    let domain::events::Event::JobStatusChanged { job_id, .. } = &envelope.event else {
+        return None;
+    };
+    let payload = serde_json::to_string(envelope)
+        .inspect_err(|error| tracing::error!(error = %error, "cannot encode a status event"))
+        .ok()?;
+    Some([
+        (Channel::Job(*job_id), payload.clone()),
+        (Channel::Org(envelope.org_id.clone()), payload),
+    ])
+}
+
 impl Bus {
     /// Prepares the connection without opening it, so a service can start
     /// (and report not-ready) while Redis is down. Fails only on a bad URL.
@@ -453,24 +469,11 @@ impl Bus {
     /// Announces a job's new status on its own channel and its org's,
     /// serializing the event once.
     pub async fn job_status_changed(&self, envelope: &Envelope) {
-        let domain::events::Event::JobStatusChanged { job_id, .. } = &envelope.event else {
+        let Some(messages) = status_messages(envelope) else {
             return;
         };
-        let payload = match serde_json::to_string(envelope) {
-            Ok(payload) => payload,
-            Err(error) => {
-                tracing::error!(error = %error, "cannot encode a status event");
-                return;
-            }
-        };
-        let job = Channel::Job(*job_id);
-        let org = Channel::Org(envelope.org_id.clone());
-        let (a, b) = futures_util::join!(
-            self.publish_raw(&job, payload.clone()),
-            self.publish_raw(&org, payload)
-        );
-        if let Err(error) = a.and(b) {
-            tracing::warn!(error = %error, job.id = %job_id, "status event not published; readers catch up from PostgreSQL");
+        if let Err(error) = self.publish_many(&messages).await {
+            tracing::warn!(error = %error, channel = messages[0].0.suffix(), "status event not published; readers catch up from PostgreSQL");
         }
     }
 

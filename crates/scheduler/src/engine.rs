@@ -187,10 +187,7 @@ impl Engine {
                 },
             )
             .with_trace(trace.clone());
-            if let Ok(payload) = serde_json::to_string(&status) {
-                statuses.push((Channel::Job(JobId(lease.job_id)), payload.clone()));
-                statuses.push((Channel::Org(org.clone()), payload));
-            }
+            statuses.extend(bus::status_messages(&status).into_iter().flatten());
             by_agent.entry(lease.agent_id).or_default().push(Offer {
                 job_id: JobId(lease.job_id),
                 epoch: lease.epoch as u64,

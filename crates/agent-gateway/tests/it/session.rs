@@ -950,15 +950,8 @@ async fn a_batched_offer_delivers_each_current_assignment_once_in_its_own_trace(
         .collect();
     expected.sort();
     assert_eq!(delivered, expected);
-    let extra = tokio::time::timeout(Duration::from_millis(500), async {
-        loop {
-            if let ServerMsg::Assignment(a) = session.next().await {
-                return a;
-            }
-        }
-    })
-    .await;
-    assert!(extra.is_err(), "delivered again: {extra:?}");
+    let extra = session.assignment_within(Duration::from_millis(500)).await;
+    assert!(extra.is_none(), "delivered again: {extra:?}");
 }
 
 #[derive(diesel::QueryableByName)]
@@ -1033,13 +1026,6 @@ async fn a_burst_of_offers_delivers_each_current_one_once() {
     expected.sort();
     assert_eq!(delivered, expected);
     // Neither the repeated offer nor the outdated one is delivered again.
-    let extra = tokio::time::timeout(Duration::from_millis(500), async {
-        loop {
-            if let ServerMsg::Assignment(a) = session.next().await {
-                return a;
-            }
-        }
-    })
-    .await;
-    assert!(extra.is_err(), "delivered again: {extra:?}");
+    let extra = session.assignment_within(Duration::from_millis(500)).await;
+    assert!(extra.is_none(), "delivered again: {extra:?}");
 }

@@ -395,6 +395,11 @@ impl RawSession {
         })
         .await
     }
+
+    /// The next assignment if one comes within `wait`.
+    pub async fn assignment_within(&mut self, wait: Duration) -> Option<pb::Assignment> {
+        tokio::time::timeout(wait, self.assignment()).await.ok()
+    }
 }
 
 pub fn msg(m: AgentMsg) -> pb::AgentMessage {
