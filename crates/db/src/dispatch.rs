@@ -95,6 +95,7 @@ pub async fn orgs_with_work(conn: &mut PgConn) -> DbResult<Vec<OrgId>> {
          WHERE a.status = 'online' AND EXISTS ( \
            SELECT 1 FROM jobs j WHERE j.org_id = a.org_id AND j.status = 'queued' AND j.run_at <= now())",
     )
+    .cached()
     .load(conn)
     .await?;
     Ok(rows
@@ -131,6 +132,7 @@ pub async fn agent_offers(conn: &mut PgConn, org: &OrgId) -> DbResult<Vec<AgentO
          WHERE a.org_id = $1 AND a.status = 'online' AND a.capacity - COALESCE(l.held, 0) > 0",
     )
     .bind::<Text, _>(org.as_str())
+    .cached()
     .load(conn)
     .await?;
     Ok(rows
@@ -144,79 +146,72 @@ pub async fn agent_offers(conn: &mut PgConn, org: &OrgId) -> DbResult<Vec<AgentO
         .collect())
 }
 
+/// One row of [`limits`]: the org's cap and usage (`org`), a capped
+/// repository's (`repository`), or the slots a concurrency key holds (`key`).
 #[derive(QueryableByName)]
-struct UsageRow {
+struct LimitRow {
+    #[diesel(sql_type = Text)]
+    kind: String,
     #[diesel(sql_type = Nullable<SqlUuid>)]
     repository_id: Option<Uuid>,
     #[diesel(sql_type = Nullable<Int4>)]
-    repository_limit: Option<i32>,
+    max_jobs: Option<i32>,
     #[diesel(sql_type = Int8)]
     leased: i64,
-}
-
-#[derive(QueryableByName)]
-struct KeyRow {
-    #[diesel(sql_type = Text)]
-    key: String,
-    #[diesel(sql_type = Array<Int4>)]
-    slots: Vec<i32>,
+    #[diesel(sql_type = Nullable<Text>)]
+    key: Option<String>,
+    #[diesel(sql_type = Nullable<Array<Int4>>)]
+    slots: Option<Vec<i32>>,
 }
 
 /// The limits that constrain the org's dispatch and how much of each is
-/// used, plus the slot numbers held per concurrency key.
+/// used, plus the slot numbers held per concurrency key: one statement
+/// (it is on every dispatch's path).
 pub async fn limits(
     conn: &mut PgConn,
     org: &OrgId,
 ) -> DbResult<(Limits, HashMap<String, Vec<i32>>)> {
-    let org_max: Option<Option<i32>> = crate::schema::org_settings::table
-        .find(org.as_str())
-        .select(crate::schema::org_settings::max_concurrent_jobs)
-        .first(conn)
-        .await
-        .optional()?;
-    let usage: Vec<UsageRow> = diesel::sql_query(
-        "SELECT r.id AS repository_id, r.max_concurrent_jobs AS repository_limit, \
-                COALESCE(u.leased, 0) AS leased \
+    let rows: Vec<LimitRow> = diesel::sql_query(
+        "SELECT 'org' AS kind, NULL::uuid AS repository_id, \
+                (SELECT max_concurrent_jobs FROM org_settings WHERE org_id = $1) AS max_jobs, \
+                count(*) AS leased, NULL::text AS key, NULL::int4[] AS slots \
+         FROM jobs WHERE org_id = $1 AND status IN ('leased', 'running', 'cancel_requested') \
+         UNION ALL \
+         SELECT 'repository', r.id, r.max_concurrent_jobs, COALESCE(u.leased, 0), NULL, NULL \
          FROM repositories r \
          LEFT JOIN (SELECT repository_id, count(*) AS leased FROM jobs \
                     WHERE org_id = $1 AND status IN ('leased', 'running', 'cancel_requested') \
                     GROUP BY repository_id) u ON u.repository_id = r.id \
          WHERE r.org_id = $1 AND r.max_concurrent_jobs IS NOT NULL \
          UNION ALL \
-         SELECT NULL, NULL, count(*) FROM jobs \
-         WHERE org_id = $1 AND status IN ('leased', 'running', 'cancel_requested')",
+         SELECT 'key', NULL, NULL, 0, key, array_agg(slot ORDER BY slot) \
+         FROM concurrency_slots WHERE org_id = $1 GROUP BY key",
     )
     .bind::<Text, _>(org.as_str())
+    .cached()
     .load(conn)
     .await?;
-    let keys: Vec<KeyRow> = diesel::sql_query(
-        "SELECT key, array_agg(slot ORDER BY slot) AS slots FROM concurrency_slots \
-         WHERE org_id = $1 GROUP BY key",
-    )
-    .bind::<Text, _>(org.as_str())
-    .load(conn)
-    .await?;
-    let mut limits = Limits {
-        org_max: org_max.flatten().map(|n| n as u32),
-        ..Limits::default()
-    };
-    for row in usage {
-        match row.repository_id {
-            Some(repo) => {
+    let mut limits = Limits::default();
+    let mut held = HashMap::new();
+    for row in rows {
+        match (row.kind.as_str(), row.repository_id, row.key) {
+            ("org", _, _) => {
+                limits.org_max = row.max_jobs.map(|n| n as u32);
+                limits.org_running = row.leased as u32;
+            }
+            ("repository", Some(repo), _) => {
                 limits.repositories.insert(
                     RepositoryId(repo),
-                    (row.repository_limit.map(|n| n as u32), row.leased as u32),
+                    (row.max_jobs.map(|n| n as u32), row.leased as u32),
                 );
             }
-            None => limits.org_running = row.leased as u32,
+            ("key", _, Some(key)) => {
+                let slots = row.slots.unwrap_or_default();
+                limits.keys_held.insert(key.clone(), slots.len() as u32);
+                held.insert(key, slots);
+            }
+            _ => {}
         }
-    }
-    let mut held = HashMap::new();
-    for row in keys {
-        limits
-            .keys_held
-            .insert(row.key.clone(), row.slots.len() as u32);
-        held.insert(row.key, row.slots);
     }
     Ok((limits, held))
 }
@@ -251,11 +246,6 @@ const CANDIDATE_COLUMNS: &str = "id, repository_id, queue_rank, priority, positi
 /// and starve everything queued behind them.
 const RUNNABLE: &str = "EXISTS (SELECT 1 FROM agents a WHERE a.org_id = $1 \
     AND a.status = 'online' AND a.labels @> jobs.required_labels)";
-
-// The reads here are planned on every call, not cached: their best plan
-// depends on the org's backlog and the limit, which the generic plan a
-// cached statement soon runs cannot see. The writes, keyed by primary key,
-// stay cached.
 
 /// A job's fairness group: its repository, or the nil UUID (never a
 /// repository's id) for jobs without one. Spelled exactly as in the ready
@@ -292,10 +282,20 @@ pub async fn candidates(
                 ORDER BY position LIMIT share.n)) c \
          WHERE g.id IS NOT NULL"
     );
+    // Prepared once per connection, but planned on every call: the best
+    // plan depends on the org's backlog and the limit, which a generic plan
+    // cannot see (it took a whole core at 100,000 queued jobs). Local to
+    // the caller's transaction, so the other statements keep their
+    // generic plans and skip planning.
+    diesel::sql_query("SELECT set_config('plan_cache_mode', 'force_custom_plan', true)")
+        .cached()
+        .execute(conn)
+        .await?;
     let rows: Vec<CandidateRow> = diesel::sql_query(sql)
         .bind::<Text, _>(org.as_str())
         .bind::<BigInt, _>(heads)
         .bind::<BigInt, _>(wanted)
+        .cached()
         .load(conn)
         .await?;
     Ok(rows.into_iter().map(CandidateRow::into_candidate).collect())

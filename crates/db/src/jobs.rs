@@ -112,8 +112,11 @@ pub(crate) fn parse_cancel_reason(raw: &str) -> Option<CancelReason> {
     .find(|r| r.as_str() == raw)
 }
 
+/// `None` is sent as NULL (every optional column defaults to NULL anyway),
+/// not as `DEFAULT`: then the statement's text does not depend on which
+/// fields are set, and diesel can keep it prepared.
 #[derive(Insertable)]
-#[diesel(table_name = jobs)]
+#[diesel(table_name = jobs, treat_none_as_default_value = false)]
 struct NewJobRow<'a> {
     id: Uuid,
     org_id: &'a str,
@@ -275,15 +278,27 @@ pub async fn create_jobs(
             }
         }
         let mut created = Vec::with_capacity(rows.len());
-        // Stay well under PostgreSQL's 65,535 bind parameters per statement.
-        for chunk in rows.chunks(500) {
-            let mut inserted = diesel::insert_into(jobs::table)
-                .values(chunk)
+        if let [row] = rows.as_slice() {
+            // A one-row insert is a statement of fixed text, so diesel keeps
+            // it prepared (one round trip, no parse); a batch's text grows
+            // with its length.
+            let inserted = diesel::insert_into(jobs::table)
+                .values(row)
                 .returning(Job::as_returning())
-                .get_results(conn)
+                .get_result(conn)
                 .await?;
-            inserted.sort_by_key(|j| chunk.iter().position(|r| r.id == j.id));
-            created.append(&mut inserted);
+            created.push(inserted);
+        } else {
+            // Stay well under PostgreSQL's 65,535 bind parameters per statement.
+            for chunk in rows.chunks(500) {
+                let mut inserted = diesel::insert_into(jobs::table)
+                    .values(chunk)
+                    .returning(Job::as_returning())
+                    .get_results(conn)
+                    .await?;
+                inserted.sort_by_key(|j| chunk.iter().position(|r| r.id == j.id));
+                created.append(&mut inserted);
+            }
         }
         crate::audit::record(
             conn,

@@ -12,6 +12,7 @@ use diesel_async::RunQueryDsl;
 use domain::{AgentId, JobId};
 use uuid::Uuid;
 
+use crate::cached::CacheStatement;
 use crate::{DbResult, PgConn};
 
 /// A job found by a sweep, with the epoch it had when found.
@@ -141,6 +142,7 @@ pub async fn next_run_at(conn: &mut PgConn) -> DbResult<Option<DateTime<Utc>>> {
     let next: NextRun = diesel::sql_query(
         "SELECT min(run_at) AS at FROM jobs WHERE status = 'queued' AND run_at > now()",
     )
+    .cached()
     .get_result(conn)
     .await?;
     Ok(next.at)

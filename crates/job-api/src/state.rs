@@ -66,4 +66,29 @@ impl AppState {
             self.bus.publish_best_effort(&channel, &envelope).await;
         }
     }
+
+    /// Publishes several events of one request after commit, in order, as
+    /// one Redis round trip; a lost message is repaired by the sweeps.
+    pub async fn publish_all(
+        &self,
+        org: &OrgId,
+        events: Vec<(Channel, Event)>,
+        request_id: Option<&str>,
+    ) {
+        let trace = telemetry::current_trace_context();
+        let mut messages = Vec::with_capacity(events.len());
+        for (channel, event) in events {
+            let envelope = Envelope::new(org.clone(), event)
+                .with_request_id(request_id.map(str::to_owned))
+                .with_trace(trace.clone());
+            match serde_json::to_string(&envelope) {
+                Ok(payload) => messages.push((channel, payload)),
+                Err(error) => tracing::error!(error = %error, "cannot encode an event"),
+            }
+        }
+        if let Err(error) = self.bus.publish_many(&messages).await {
+            tracing::warn!(error = %error, events = messages.len(),
+                "events not published; consumers will catch up from PostgreSQL");
+        }
+    }
 }

@@ -8,6 +8,7 @@
 mod agents;
 mod audit;
 mod concurrency;
+mod dispatch;
 mod jobs;
 mod leases;
 mod logs;

@@ -139,7 +139,8 @@ async fn create(
     Ok((created.jobs, created.replayed))
 }
 
-/// After commit: tell org watchers, and wake the scheduler once. (The
+/// After commit: wake the scheduler once (first: it is on the dispatch
+/// path), and tell org watchers, all in one Redis round trip. (The
 /// request's trace context is stored on each job, so its dispatch, run and
 /// logs join that trace.)
 async fn announce_created(
@@ -148,27 +149,27 @@ async fn announce_created(
     jobs: &[db::jobs::Job],
     request_id: Option<&str>,
 ) {
-    for job in jobs.iter().take(100) {
-        let event = Event::JobCreated {
-            job_id: job.job_id(),
-            queue: job.queue_name(),
-            status: job.status(),
-        };
-        state
-            .publish(Channel::Org(org.clone()), org, event, request_id)
-            .await;
-    }
-    if let Some(first) = jobs.first() {
-        let queue = first.queue_name();
-        state
-            .publish(
-                Channel::SchedulerWake,
-                org,
-                Event::QueueChanged { queue },
-                request_id,
-            )
-            .await;
-    }
+    let Some(first) = jobs.first() else {
+        return;
+    };
+    let wake = (
+        Channel::SchedulerWake,
+        Event::QueueChanged {
+            queue: first.queue_name(),
+        },
+    );
+    let created = jobs.iter().take(100).map(|job| {
+        (
+            Channel::Org(org.clone()),
+            Event::JobCreated {
+                job_id: job.job_id(),
+                queue: job.queue_name(),
+                status: job.status(),
+            },
+        )
+    });
+    let events = std::iter::once(wake).chain(created).collect();
+    state.publish_all(org, events, request_id).await;
 }
 
 /// Create a job.

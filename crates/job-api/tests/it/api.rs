@@ -13,7 +13,7 @@ const SECRET: &str = "api-test-secret";
 pub struct Api {
     pub service: RunningService,
     pub db: TestDb,
-    _redis: TestRedis,
+    redis: TestRedis,
     pub client: Client,
 }
 
@@ -36,7 +36,7 @@ impl Api {
         Self {
             service,
             db,
-            _redis: redis,
+            redis,
             client: Client::new(),
         }
     }
@@ -292,6 +292,84 @@ async fn a_batch_is_all_or_nothing() {
         )
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+/// A create wakes the scheduler once per request and tells org watchers
+/// of each new job, in order; a rejected batch announces nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn created_jobs_wake_the_scheduler_once_and_reach_org_watchers_in_order() {
+    use bus::Channel;
+    use domain::events::Event;
+    use futures_util::StreamExt;
+    let api = Api::start().await;
+    let token = Api::token("acme", Role::Member);
+    let org = OrgId::parse("acme").expect("org");
+    let bus = bus::Bus::connect(&test_support::bus_config(
+        api.redis.url(),
+        api.redis.prefix(),
+    ))
+    .expect("bus");
+    let mut events = Box::pin(
+        bus.subscribe(&[Channel::SchedulerWake, Channel::Org(org)])
+            .await
+            .expect("subscribe"),
+    );
+    let (status, single) = api
+        .call(
+            Method::POST,
+            "/v1/orgs/acme/jobs",
+            Some(&token),
+            Some(json!({"command": "echo one"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, _) = api
+        .call(
+            Method::POST,
+            "/v1/orgs/acme/jobs/batch",
+            Some(&token),
+            Some(json!({"jobs": [{"command": "ok"}, {"command": "bad", "priority": -5000}]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let (status, batch) = api
+        .call(
+            Method::POST,
+            "/v1/orgs/acme/jobs/batch",
+            Some(&token),
+            Some(json!({"jobs": [{"command": "a"}, {"command": "b"}, {"command": "c"}]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let mut expected = vec![single["id"].as_str().expect("id").to_owned()];
+    expected.extend(
+        batch["jobs"]
+            .as_array()
+            .expect("jobs")
+            .iter()
+            .map(|j| j["id"].as_str().expect("id").to_owned()),
+    );
+    let mut created = Vec::new();
+    let mut wakes = 0;
+    // Everything published for the two accepted requests, then nothing more.
+    while let Ok(Some(envelope)) =
+        tokio::time::timeout(Duration::from_millis(500), events.next()).await
+    {
+        match envelope.event {
+            Event::JobCreated { job_id, .. } => created.push(job_id.to_string()),
+            Event::QueueChanged { .. } => {
+                assert_eq!(
+                    created.len(),
+                    if wakes == 0 { 0 } else { 1 },
+                    "each request's wake-up goes out before its jobs' announcements"
+                );
+                wakes += 1;
+            }
+            other => panic!("unexpected event {other:?}"),
+        }
+    }
+    assert_eq!(created, expected, "every created job, in order, once");
+    assert_eq!(wakes, 2, "one wake-up per accepted request");
 }
 
 #[tokio::test(flavor = "multi_thread")]

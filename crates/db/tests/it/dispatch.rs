@@ -1,0 +1,152 @@
+//! What the dispatcher reads of an org's limits, and that it honours them.
+
+use std::collections::HashSet;
+
+use db::dispatch::{DispatchSettings, dispatch_org, limits};
+use domain::org::{OrgSettings, RepositorySpec};
+use domain::{AgentId, RepositoryId};
+use test_support::TestDb;
+
+use crate::support::{self, acme, create, job, with_key};
+
+fn repository(name: &str, max_concurrent_jobs: Option<u32>) -> RepositorySpec {
+    RepositorySpec {
+        name: name.to_owned(),
+        url: None,
+        max_concurrent_jobs,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn limits_read_the_org_cap_capped_repositories_and_held_key_slots() {
+    let test_db = TestDb::new().await;
+    let mut conn = test_db.conn().await;
+    let org = acme(&mut conn).await;
+    let other = support::org(&mut conn, "globex").await;
+
+    let (empty, held) = limits(&mut conn, &org).await.expect("limits");
+    assert_eq!((empty.org_max, empty.org_running), (None, 0));
+    assert!(empty.repositories.is_empty() && empty.keys_held.is_empty() && held.is_empty());
+
+    db::orgs::update_settings(
+        &mut conn,
+        &org,
+        &OrgSettings {
+            max_concurrent_jobs: Some(7),
+            ..OrgSettings::default()
+        },
+    )
+    .await
+    .expect("settings");
+    let web = db::repositories::create(&mut conn, &org, &repository("web", Some(4)))
+        .await
+        .expect("web");
+    let docs = db::repositories::create(&mut conn, &org, &repository("docs", None))
+        .await
+        .expect("docs");
+    let in_repo = |id: uuid::Uuid, command: &str| {
+        let mut new = job(command);
+        new.repository_id = Some(RepositoryId(id));
+        new
+    };
+    let jobs = create(
+        &mut conn,
+        &org,
+        &[
+            in_repo(web.id, "web 1"),
+            in_repo(web.id, "web 2"),
+            in_repo(web.id, "web queued"),
+            in_repo(docs.id, "docs 1"),
+            with_key(job("deploy 1"), "deploy", 3),
+            with_key(job("deploy 2"), "deploy", 3),
+        ],
+    )
+    .await;
+    let elsewhere = create(&mut conn, &other, &[job("globex 1")]).await;
+    // All but "web queued" (the third) hold a lease.
+    for (i, job) in jobs.iter().enumerate() {
+        if i != 2 {
+            support::lease_and_start(&mut conn, job.job_id(), AgentId::new()).await;
+        }
+    }
+    support::lease_and_start(&mut conn, elsewhere[0].job_id(), AgentId::new()).await;
+
+    let (read, held) = limits(&mut conn, &org).await.expect("limits");
+
+    assert_eq!(read.org_max, Some(7));
+    assert_eq!(
+        read.org_running, 5,
+        "every leased job of the org, not another org's"
+    );
+    assert_eq!(
+        read.repositories.get(&RepositoryId(web.id)),
+        Some(&(Some(4), 2)),
+        "the capped repository with its two leased jobs"
+    );
+    assert!(
+        !read.repositories.contains_key(&RepositoryId(docs.id)),
+        "an uncapped repository is not a limit"
+    );
+    assert_eq!(read.keys_held.get("deploy"), Some(&2));
+    let slots: HashSet<i32> = held
+        .get("deploy")
+        .expect("deploy slots")
+        .iter()
+        .copied()
+        .collect();
+    assert_eq!(slots.len(), 2, "two distinct slots held: {slots:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dispatch_stops_at_the_org_cap_and_the_repository_cap() {
+    let test_db = TestDb::new().await;
+    let mut conn = test_db.conn().await;
+    let org = acme(&mut conn).await;
+    db::orgs::update_settings(
+        &mut conn,
+        &org,
+        &OrgSettings {
+            max_concurrent_jobs: Some(3),
+            ..OrgSettings::default()
+        },
+    )
+    .await
+    .expect("settings");
+    let web = db::repositories::create(&mut conn, &org, &repository("web", Some(1)))
+        .await
+        .expect("web");
+    let mut batch: Vec<_> = (0..4)
+        .map(|i| {
+            let mut new = job(&format!("web {i}"));
+            new.repository_id = Some(RepositoryId(web.id));
+            new
+        })
+        .collect();
+    batch.extend((0..4).map(|i| job(&format!("loose {i}"))));
+    let jobs = create(&mut conn, &org, &batch).await;
+    support::exec(
+        &mut conn,
+        "INSERT INTO agents (id, org_id, name, capacity, status) \
+         VALUES (gen_random_uuid(), 'acme', 'wide', 10, 'online')",
+    )
+    .await;
+
+    let mut granted = Vec::new();
+    for _ in 0..3 {
+        let round = dispatch_org(&mut conn, &org, &DispatchSettings::default())
+            .await
+            .expect("dispatch");
+        granted.extend(round.granted.into_iter().map(|g| g.job_id));
+    }
+
+    assert_eq!(
+        granted.len(),
+        3,
+        "the org cap of 3 holds over rounds: {granted:?}"
+    );
+    let from_web = jobs
+        .iter()
+        .filter(|j| j.repository_id == Some(web.id) && granted.contains(&j.id))
+        .count();
+    assert_eq!(from_web, 1, "the repository cap of 1 holds");
+}
