@@ -88,12 +88,14 @@ struct OrgRow {
     org_id: String,
 }
 
-/// Orgs with due queued jobs and at least one online agent.
+/// Orgs with due queued jobs and at least one online agent. Runs on every
+/// tick (under load, after every batch of results), so it probes the
+/// queue once per org, not once per online agent.
 pub async fn orgs_with_work(conn: &mut PgConn) -> DbResult<Vec<OrgId>> {
     let rows: Vec<OrgRow> = diesel::sql_query(
-        "SELECT DISTINCT a.org_id FROM agents a \
-         WHERE a.status = 'online' AND EXISTS ( \
-           SELECT 1 FROM jobs j WHERE j.org_id = a.org_id AND j.status = 'queued' AND j.run_at <= now())",
+        "SELECT o.org_id FROM (SELECT DISTINCT org_id FROM agents WHERE status = 'online') o \
+         WHERE EXISTS ( \
+           SELECT 1 FROM jobs j WHERE j.org_id = o.org_id AND j.status = 'queued' AND j.run_at <= now())",
     )
     .cached()
     .load(conn)

@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 
-use db::dispatch::{DispatchSettings, dispatch_org, limits};
+use db::dispatch::{DispatchSettings, dispatch_org, limits, orgs_with_work};
 use domain::org::{OrgSettings, RepositorySpec};
 use domain::{AgentId, RepositoryId};
 use test_support::TestDb;
@@ -149,4 +149,39 @@ async fn dispatch_stops_at_the_org_cap_and_the_repository_cap() {
         .filter(|j| j.repository_id == Some(web.id) && granted.contains(&j.id))
         .count();
     assert_eq!(from_web, 1, "the repository cap of 1 holds");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn orgs_with_work_are_those_with_a_due_job_and_an_online_agent() {
+    let test_db = TestDb::new().await;
+    let mut conn = test_db.conn().await;
+    let ready = support::org(&mut conn, "ready").await;
+    let idle = support::org(&mut conn, "idle").await;
+    let unattended = support::org(&mut conn, "unattended").await;
+    let later = support::org(&mut conn, "later").await;
+    let mut delayed = job("later");
+    delayed.run_at = Some(chrono::Utc::now() + chrono::Duration::hours(1));
+    create(&mut conn, &ready, &[job("now"), job("now too")]).await;
+    create(&mut conn, &unattended, &[job("nobody to run it")]).await;
+    create(&mut conn, &later, &[delayed]).await;
+    // Two online agents in "ready" (the org is listed once), one in "idle"
+    // and "later", an offline one in "unattended".
+    support::exec(
+        &mut conn,
+        "INSERT INTO agents (id, org_id, name, capacity, status) VALUES \
+         (gen_random_uuid(), 'ready', 'r1', 1, 'online'), \
+         (gen_random_uuid(), 'ready', 'r2', 1, 'online'), \
+         (gen_random_uuid(), 'idle', 'i1', 1, 'online'), \
+         (gen_random_uuid(), 'later', 'l1', 1, 'online'), \
+         (gen_random_uuid(), 'unattended', 'u1', 1, 'offline')",
+    )
+    .await;
+
+    let orgs = orgs_with_work(&mut conn).await.expect("orgs with work");
+
+    assert_eq!(
+        orgs,
+        vec![ready],
+        "not {idle:?} (no jobs), {unattended:?} (no agent online), {later:?} (not due)"
+    );
 }
