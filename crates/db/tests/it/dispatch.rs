@@ -17,6 +17,16 @@ fn repository(name: &str, max_concurrent_jobs: Option<u32>) -> RepositorySpec {
     }
 }
 
+async fn cap_org(conn: &mut db::PgConn, org: &domain::OrgId, max_concurrent_jobs: u32) {
+    let settings = OrgSettings {
+        max_concurrent_jobs: Some(max_concurrent_jobs),
+        ..OrgSettings::default()
+    };
+    db::orgs::update_settings(conn, org, &settings)
+        .await
+        .expect("settings");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn limits_read_the_org_cap_capped_repositories_and_held_key_slots() {
     let test_db = TestDb::new().await;
@@ -28,16 +38,7 @@ async fn limits_read_the_org_cap_capped_repositories_and_held_key_slots() {
     assert_eq!((empty.org_max, empty.org_running), (None, 0));
     assert!(empty.repositories.is_empty() && empty.keys_held.is_empty() && held.is_empty());
 
-    db::orgs::update_settings(
-        &mut conn,
-        &org,
-        &OrgSettings {
-            max_concurrent_jobs: Some(7),
-            ..OrgSettings::default()
-        },
-    )
-    .await
-    .expect("settings");
+    cap_org(&mut conn, &org, 7).await;
     let web = db::repositories::create(&mut conn, &org, &repository("web", Some(4)))
         .await
         .expect("web");
@@ -102,16 +103,7 @@ async fn dispatch_stops_at_the_org_cap_and_the_repository_cap() {
     let test_db = TestDb::new().await;
     let mut conn = test_db.conn().await;
     let org = acme(&mut conn).await;
-    db::orgs::update_settings(
-        &mut conn,
-        &org,
-        &OrgSettings {
-            max_concurrent_jobs: Some(3),
-            ..OrgSettings::default()
-        },
-    )
-    .await
-    .expect("settings");
+    cap_org(&mut conn, &org, 3).await;
     let web = db::repositories::create(&mut conn, &org, &repository("web", Some(1)))
         .await
         .expect("web");
