@@ -782,6 +782,7 @@ impl Gateway {
         }
     }
 
+    /// Wakes the scheduler (an agent has room for work).
     pub async fn wake_scheduler(&self, ctx: &AgentContext) {
         let envelope = Envelope::new(
             ctx.org.clone(),

@@ -293,6 +293,17 @@ impl redis::aio::ConnectionLike for Connection {
     }
 }
 
+/// `envelope` serialized for `channel`, ready for [`Bus::publish_many`];
+/// `None` (logged) if it does not serialize.
+pub fn message(channel: Channel, envelope: &Envelope) -> Option<(Channel, String)> {
+    let payload = serde_json::to_string(envelope)
+        .inspect_err(|error| {
+            tracing::error!(error = %error, event = envelope.event.kind(), "cannot encode an event")
+        })
+        .ok()?;
+    Some((channel, payload))
+}
+
 /// The messages announcing a `JobStatusChanged` envelope: the same
 /// payload on the job's channel and on its org's. `None` for any other
 /// event, or one that does not serialize (logged).
@@ -300,11 +311,9 @@ pub fn status_messages(envelope: &Envelope) -> Option<[(Channel, String); 2]> {
     let domain::events::Event::JobStatusChanged { job_id, .. } = &envelope.event else {
         return None;
     };
-    let payload = serde_json::to_string(envelope)
-        .inspect_err(|error| tracing::error!(error = %error, "cannot encode a status event"))
-        .ok()?;
+    let (job, payload) = message(Channel::Job(*job_id), envelope)?;
     Some([
-        (Channel::Job(*job_id), payload.clone()),
+        (job, payload.clone()),
         (Channel::Org(envelope.org_id.clone()), payload),
     ])
 }

@@ -76,16 +76,15 @@ impl AppState {
         request_id: Option<&str>,
     ) {
         let trace = telemetry::current_trace_context();
-        let mut messages = Vec::with_capacity(events.len());
-        for (channel, event) in events {
-            let envelope = Envelope::new(org.clone(), event)
-                .with_request_id(request_id.map(str::to_owned))
-                .with_trace(trace.clone());
-            match serde_json::to_string(&envelope) {
-                Ok(payload) => messages.push((channel, payload)),
-                Err(error) => tracing::error!(error = %error, "cannot encode an event"),
-            }
-        }
+        let messages: Vec<(Channel, String)> = events
+            .into_iter()
+            .filter_map(|(channel, event)| {
+                let envelope = Envelope::new(org.clone(), event)
+                    .with_request_id(request_id.map(str::to_owned))
+                    .with_trace(trace.clone());
+                bus::message(channel, &envelope)
+            })
+            .collect();
         if let Err(error) = self.bus.publish_many(&messages).await {
             tracing::warn!(error = %error, events = messages.len(),
                 "events not published; consumers will catch up from PostgreSQL");

@@ -216,9 +216,7 @@ impl Engine {
                 (event, telemetry::current_trace_context())
             };
             let envelope = Envelope::new(org.clone(), event).with_trace(trace);
-            if let Ok(payload) = serde_json::to_string(&envelope) {
-                messages.push((Channel::Agent(agent_id), payload));
-            }
+            messages.extend(bus::message(Channel::Agent(agent_id), &envelope));
         }
         // Offers first: they are what the agents wait for.
         messages.extend(statuses);
