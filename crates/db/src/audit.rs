@@ -1,8 +1,9 @@
 //! The audit trail: who did what to which resource, when, under which request.
 
 use chrono::{DateTime, Utc};
+use diesel::pg::Pg;
 use diesel::prelude::*;
-use diesel_async::RunQueryDsl;
+use diesel_async::{AsyncConnectionCore, RunQueryDsl};
 use domain::OrgId;
 use serde::Serialize;
 use uuid::Uuid;
@@ -35,7 +36,10 @@ pub struct Record<'a> {
     pub details: serde_json::Value,
 }
 
-pub async fn record(conn: &mut PgConn, event: Record<'_>) -> DbResult<()> {
+pub async fn record<C>(conn: &mut C, event: Record<'_>) -> DbResult<()>
+where
+    C: AsyncConnectionCore<Backend = Pg> + Send,
+{
     diesel::insert_into(audit_events::table)
         .values((
             audit_events::id.eq(Uuid::now_v7()),

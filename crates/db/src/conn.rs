@@ -79,6 +79,43 @@ impl PgConn {
         }
     }
 
+    /// The connection for statements sent together: queries issued through
+    /// separate `&mut` copies of this reference and polled concurrently go
+    /// out in one pipeline (one round trip), and run in the order sent.
+    /// Only inside a transaction: behind a transaction pooler that is what
+    /// keeps them on one server connection.
+    pub fn pipeline(&self) -> &AsyncPgConnection {
+        &self.inner
+    }
+
+    /// Runs `statements`, issued through [`pipeline`](Self::pipeline), in a
+    /// transaction whose `BEGIN` goes out in the same round trip as them;
+    /// `COMMIT` once they all succeeded, `ROLLBACK` otherwise. Only for
+    /// statements that need nothing from each other's results.
+    pub async fn pipelined_transaction<R, E>(
+        &self,
+        statements: impl Future<Output = Result<R, E>>,
+    ) -> Result<R, E>
+    where
+        E: From<diesel::result::Error>,
+    {
+        let (mut for_begin, mut for_end) = (&self.inner, &self.inner);
+        self.implicit_transaction_open.store(true, Ordering::SeqCst);
+        let begin = async move { for_begin.batch_execute("BEGIN").await.map_err(E::from) };
+        let (result, ended) = match futures_util::try_join!(begin, statements) {
+            Ok(((), value)) => match for_end.batch_execute("COMMIT").await {
+                Ok(()) => (Ok(value), true),
+                Err(e) => (Err(e.into()), false),
+            },
+            Err(e) => (Err(e), for_end.batch_execute("ROLLBACK").await.is_ok()),
+        };
+        if ended {
+            self.implicit_transaction_open
+                .store(false, Ordering::SeqCst);
+        }
+        result
+    }
+
     fn needs_own_transaction(&mut self) -> bool {
         self.transaction_pooling
             && !matches!(

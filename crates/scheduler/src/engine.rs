@@ -1,8 +1,8 @@
 //! The scheduling loop: sweep when due, dispatch on every wake-up, sleep
 //! until the next wake-up, sweep or due `run_at`.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bus::{Bus, Channel};
@@ -67,10 +67,10 @@ impl Engine {
 
     /// Runs until `shutdown`; a tick in progress completes first.
     pub async fn run(self, shutdown: CancellationToken) {
-        let wake = Arc::new(Notify::new());
+        let wakeups = Arc::new(Wakeups::default());
         tokio::spawn(listen_for_wakeups(
             self.bus.clone(),
-            wake.clone(),
+            wakeups.clone(),
             shutdown.clone(),
         ));
         let mut next_sweep = Instant::now();
@@ -82,10 +82,12 @@ impl Engine {
             if sweep_now {
                 next_sweep = Instant::now() + self.settings.sweep_interval;
             }
-            let report = match self.tick(sweep_now).await {
+            let woken = wakeups.take();
+            let report = match self.tick_orgs(sweep_now, woken).await {
                 Ok(report) => report,
                 Err(error) => {
                     tracing::warn!(error = %error, "scheduler tick failed; retrying shortly");
+                    wakeups.include_all();
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
@@ -93,14 +95,16 @@ impl Engine {
                 }
             };
             if report.saturated {
+                wakeups.include_all();
                 continue;
             }
             let until_sweep = next_sweep.saturating_duration_since(Instant::now());
             let until_due = self.until_next_run_at().await.unwrap_or(until_sweep);
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = wake.notified() => {}
-                _ = tokio::time::sleep(until_sweep.min(until_due)) => {}
+                _ = wakeups.notify.notified() => {}
+                // Jobs that came due may be in any org.
+                _ = tokio::time::sleep(until_sweep.min(until_due)) => wakeups.include_all(),
             }
         }
         tracing::info!("scheduler engine stopped");
@@ -108,6 +112,18 @@ impl Engine {
 
     /// One pass: the sweep (when asked) and a dispatch of every org with work.
     pub async fn tick(&self, sweep: bool) -> Result<TickReport, DbError> {
+        self.tick_orgs(sweep, None).await
+    }
+
+    /// [`tick`](Self::tick), dispatching only `woken` when it names the orgs
+    /// whose wake-ups started this pass (and no sweep ran, which may have
+    /// requeued jobs anywhere): an idle dispatch then skips the query for
+    /// orgs with work. A wake-up lost on Redis is covered by the next sweep.
+    async fn tick_orgs(
+        &self,
+        sweep: bool,
+        woken: Option<Vec<OrgId>>,
+    ) -> Result<TickReport, DbError> {
         let mut report = TickReport::default();
         if sweep {
             let started = Instant::now();
@@ -116,7 +132,8 @@ impl Engine {
                 .sweep_duration
                 .observe(started.elapsed().as_secs_f64());
         }
-        self.dispatch(&mut report).await?;
+        let orgs = if sweep { None } else { woken };
+        self.dispatch(orgs, &mut report).await?;
         Ok(report)
     }
 
@@ -126,10 +143,18 @@ impl Engine {
         Some((next - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(1))
     }
 
-    async fn dispatch(&self, report: &mut TickReport) -> Result<(), DbError> {
+    async fn dispatch(
+        &self,
+        orgs: Option<Vec<OrgId>>,
+        report: &mut TickReport,
+    ) -> Result<(), DbError> {
         use tracing::Instrument;
         let mut conn = self.db.conn().await?;
-        for org in db::dispatch::orgs_with_work(&mut conn).await? {
+        let orgs = match orgs {
+            Some(orgs) => orgs,
+            None => db::dispatch::orgs_with_work(&mut conn).await?,
+        };
+        for org in orgs {
             let dispatched = db::dispatch::dispatch_org(&mut conn, &org, &self.dispatch).await?;
             let granted = dispatched.granted;
             if granted.is_empty() {
@@ -435,7 +460,49 @@ fn ignore_race(error: DbError, job: Uuid) -> Result<(), DbError> {
 
 /// Turns `scheduler:wake` messages into notifications, resubscribing after
 /// Redis failures. While Redis is down the sweep interval bounds latency.
-async fn listen_for_wakeups(bus: Bus, wake: Arc<Notify>, shutdown: CancellationToken) {
+/// Wake-ups received since the engine last looked: the orgs they came from,
+/// or everything (after a (re)subscription, which may have missed some, and
+/// when a timer fired).
+#[derive(Default)]
+struct Wakeups {
+    notify: Notify,
+    orgs: Mutex<Option<HashSet<OrgId>>>,
+}
+
+impl Wakeups {
+    fn wake_org(&self, org: OrgId) {
+        if let Some(orgs) = self.lock().as_mut() {
+            orgs.insert(org);
+        }
+        self.notify.notify_one();
+    }
+
+    fn wake_all(&self) {
+        self.include_all();
+        self.notify.notify_one();
+    }
+
+    /// The next pass covers every org.
+    fn include_all(&self) {
+        *self.lock() = None;
+    }
+
+    /// The orgs woken since the last call (`None`: all), and starts a new
+    /// collection.
+    fn take(&self) -> Option<Vec<OrgId>> {
+        self.lock()
+            .replace(HashSet::new())
+            .map(|orgs| orgs.into_iter().collect())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<HashSet<OrgId>>> {
+        self.orgs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+async fn listen_for_wakeups(bus: Bus, wakeups: Arc<Wakeups>, shutdown: CancellationToken) {
     let mut backoff = Duration::from_millis(200);
     loop {
         let subscription = tokio::select! {
@@ -447,12 +514,12 @@ async fn listen_for_wakeups(bus: Bus, wake: Arc<Notify>, shutdown: CancellationT
                 let mut events = Box::pin(events);
                 backoff = Duration::from_millis(200);
                 // Catch up on anything published while we were not listening.
-                wake.notify_one();
+                wakeups.wake_all();
                 loop {
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         event = events.next() => match event {
-                            Some(_) => wake.notify_one(),
+                            Some(envelope) => wakeups.wake_org(envelope.org_id),
                             None => break,
                         },
                     }

@@ -374,8 +374,12 @@ async fn concurrent_appends_to_one_job_keep_the_sequence_gapless() {
             let mut committed = 0;
             let mut stored = Vec::new();
             for batch in 0..40 {
-                let texts: Vec<String> =
-                    (0..3).map(|i| format!("w{writer} b{batch} l{i}")).collect();
+                // Every line has the same length, so whatever the other writer committed
+                // ends on a line boundary of this chunk too: with lengths that differ, the
+                // committed offset can fall mid-line, which append rightly refuses.
+                let texts: Vec<String> = (0..3)
+                    .map(|i| format!("w{writer} b{batch:02} l{i}"))
+                    .collect();
                 let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
                 let appended =
                     db::logs::append(&mut conn, id, epoch, committed, &chunk(committed, &texts))
