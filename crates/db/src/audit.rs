@@ -36,11 +36,14 @@ pub struct Record<'a> {
     pub details: serde_json::Value,
 }
 
-pub async fn record<C>(conn: &mut C, event: Record<'_>) -> DbResult<()>
+/// Records `event`. The statement is built and handed to the connection
+/// when this is called, not when the future is first polled, so it joins a
+/// pipeline with the statements issued before it.
+pub fn record<'a, C>(conn: &'a mut C, event: Record<'a>) -> impl Future<Output = DbResult<()>> + 'a
 where
     C: AsyncConnectionCore<Backend = Pg> + Send,
 {
-    diesel::insert_into(audit_events::table)
+    let insert = diesel::insert_into(audit_events::table)
         .values((
             audit_events::id.eq(Uuid::now_v7()),
             audit_events::org_id.eq(event.org.as_str()),
@@ -51,9 +54,11 @@ where
             audit_events::request_id.eq(event.request_id),
             audit_events::details.eq(event.details),
         ))
-        .execute(conn)
-        .await?;
-    Ok(())
+        .execute(conn);
+    async move {
+        insert.await?;
+        Ok(())
+    }
 }
 
 /// Newest first, keyset-paged by id.

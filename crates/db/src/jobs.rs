@@ -11,6 +11,7 @@ use domain::org::OrgSettings;
 use domain::retry::{FailureCounts, RetryPolicy};
 use domain::state::{CancelReason, Lifecycle};
 use domain::{DomainError, JobId, OrgId, RepositoryId};
+use futures_util::FutureExt;
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -234,8 +235,9 @@ pub async fn create_jobs(
         // first: one never changes org, and one deleted meanwhile fails the
         // insert's foreign key.
         check_repositories(conn, org_id, &rows).await?;
+        let mut pipeline = conn.pipeline();
         let jobs = conn
-            .pipelined_transaction(insert_with_audit(conn.pipeline(), ctx, &rows))
+            .pipelined_transaction(insert_with_audit(&mut pipeline, ctx, &rows))
             .await?;
         return Ok(Created {
             jobs,
@@ -275,7 +277,8 @@ pub async fn create_jobs(
             });
         }
         check_repositories(conn, org_id, &rows).await?;
-        let jobs = insert_with_audit(conn.pipeline(), ctx, &rows).await?;
+        let mut pipeline = conn.pipeline();
+        let jobs = insert_with_audit(&mut pipeline, ctx, &rows).await?;
         Ok(Created {
             jobs,
             replayed: false,
@@ -314,35 +317,37 @@ async fn check_repositories(
 
 /// Inserts the rows and their `job.created` audit event, all in one
 /// pipeline (call inside a transaction); returns the jobs in row order.
-async fn insert_with_audit(
-    conn: &AsyncPgConnection,
-    ctx: &CreateContext<'_>,
-    rows: &[NewJobRow<'_>],
-) -> DbResult<Vec<Job>> {
+/// Every statement is built here, before the future is first polled, so
+/// they go out back to back after whatever was issued before.
+fn insert_with_audit<'a>(
+    conn: &'a mut &'a AsyncPgConnection,
+    ctx: &'a CreateContext<'a>,
+    rows: &'a [NewJobRow<'a>],
+) -> impl Future<Output = DbResult<Vec<Job>>> + 'a {
     // A one-row insert is a statement of fixed text, so diesel keeps it
     // prepared (one round trip, no parse); a batch's text grows with its
     // length. Chunks stay well under PostgreSQL's 65,535 bind parameters.
-    let inserts = rows.chunks(500).map(|chunk| {
-        let mut conn = conn;
-        async move {
-            if let [row] = chunk {
-                diesel::insert_into(jobs::table)
+    let shared: &'a AsyncPgConnection = conn;
+    let inserts: Vec<_> = rows
+        .chunks(500)
+        .map(|chunk| {
+            let mut conn = shared;
+            match chunk {
+                [row] => diesel::insert_into(jobs::table)
                     .values(row)
                     .returning(Job::as_returning())
                     .get_results(&mut conn)
-                    .await
-            } else {
-                diesel::insert_into(jobs::table)
+                    .boxed(),
+                _ => diesel::insert_into(jobs::table)
                     .values(chunk)
                     .returning(Job::as_returning())
                     .get_results(&mut conn)
-                    .await
+                    .boxed(),
             }
-        }
-    });
-    let mut audit_conn = conn;
+        })
+        .collect();
     let audit = crate::audit::record(
-        &mut audit_conn,
+        conn,
         crate::audit::Record {
             org: ctx.org,
             actor: ctx.created_by.unwrap_or("system"),
@@ -357,14 +362,16 @@ async fn insert_with_audit(
             details: serde_json::json!({ "count": rows.len() }),
         },
     );
-    let (chunks, ()) = futures_util::try_join!(
-        async { Ok::<_, DbError>(futures_util::future::try_join_all(inserts).await?) },
-        audit
-    )?;
-    let order: HashMap<Uuid, usize> = rows.iter().enumerate().map(|(i, r)| (r.id, i)).collect();
-    let mut created: Vec<Job> = chunks.into_iter().flatten().collect();
-    created.sort_by_key(|j| order.get(&j.id).copied());
-    Ok(created)
+    async move {
+        let (chunks, ()) = futures_util::try_join!(
+            async { Ok::<_, DbError>(futures_util::future::try_join_all(inserts).await?) },
+            audit
+        )?;
+        let order: HashMap<Uuid, usize> = rows.iter().enumerate().map(|(i, r)| (r.id, i)).collect();
+        let mut created: Vec<Job> = chunks.into_iter().flatten().collect();
+        created.sort_by_key(|j| order.get(&j.id).copied());
+        Ok(created)
+    }
 }
 
 /// A job of `org`; another org's job is not found.
