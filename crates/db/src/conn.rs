@@ -89,9 +89,9 @@ impl PgConn {
     }
 
     /// Runs `statements`, issued through [`pipeline`](Self::pipeline), in a
-    /// transaction whose `BEGIN` goes out in the same round trip as them;
-    /// `COMMIT` once they all succeeded, `ROLLBACK` otherwise. Only for
-    /// statements that need nothing from each other's results.
+    /// transaction whose `BEGIN` is sent first but not awaited on its own:
+    /// the statements queue behind it on the connection. `COMMIT` once they
+    /// all succeeded, `ROLLBACK` otherwise.
     pub async fn pipelined_transaction<R, E>(
         &self,
         statements: impl Future<Output = Result<R, E>>,

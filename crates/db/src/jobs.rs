@@ -229,11 +229,11 @@ pub async fn create_jobs(
     }
     let org_id = ctx.org.as_str();
     let Some(idem) = idempotency else {
-        // Nothing here depends on what the transaction reads, so BEGIN, the
-        // inserts and the audit event go out in one round trip and COMMIT in
-        // a second (an idle create was five). The repositories are checked
-        // first: one never changes org, and one deleted meanwhile fails the
-        // insert's foreign key.
+        // Nothing here depends on what the transaction reads, so BEGIN is
+        // not awaited on its own and the inserts and the audit event go out
+        // together, then COMMIT (an idle create took five round trips). The
+        // repositories are checked first: one never changes org, and one
+        // deleted meanwhile fails the insert's foreign key.
         check_repositories(conn, org_id, &rows).await?;
         let mut pipeline = conn.pipeline();
         let jobs = conn
