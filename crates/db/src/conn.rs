@@ -99,15 +99,27 @@ impl PgConn {
     where
         E: From<diesel::result::Error>,
     {
-        let (mut for_begin, mut for_end) = (&self.inner, &self.inner);
+        let mut for_begin = &self.inner;
         self.implicit_transaction_open.store(true, Ordering::SeqCst);
         let begin = async move { for_begin.batch_execute("BEGIN").await.map_err(E::from) };
-        let (result, ended) = match futures_util::try_join!(begin, statements) {
-            Ok(((), value)) => match for_end.batch_execute("COMMIT").await {
+        let outcome = futures_util::try_join!(begin, statements).map(|((), value)| value);
+        self.end_own_transaction(outcome).await
+    }
+
+    /// Ends a transaction this connection opened itself: `COMMIT` after
+    /// `outcome` succeeded, `ROLLBACK` otherwise. Once either went through
+    /// the connection is clean again for the pool.
+    async fn end_own_transaction<R, E>(&self, outcome: Result<R, E>) -> Result<R, E>
+    where
+        E: From<diesel::result::Error>,
+    {
+        let mut conn = &self.inner;
+        let (result, ended) = match outcome {
+            Ok(value) => match conn.batch_execute("COMMIT").await {
                 Ok(()) => (Ok(value), true),
                 Err(e) => (Err(e.into()), false),
             },
-            Err(e) => (Err(e), for_end.batch_execute("ROLLBACK").await.is_ok()),
+            Err(e) => (Err(e), conn.batch_execute("ROLLBACK").await.is_ok()),
         };
         if ended {
             self.implicit_transaction_open
@@ -133,21 +145,11 @@ impl PgConn {
         statement: BoxFuture<'conn, QueryResult<R>>,
     ) -> BoxFuture<'conn, QueryResult<R>> {
         let mut conn = &self.inner;
-        let open = &self.implicit_transaction_open;
         async move {
-            open.store(true, Ordering::SeqCst);
+            self.implicit_transaction_open.store(true, Ordering::SeqCst);
             conn.batch_execute("BEGIN").await?;
-            let (result, ended) = match statement.await {
-                Ok(value) => match conn.batch_execute("COMMIT").await {
-                    Ok(()) => (Ok(value), true),
-                    Err(e) => (Err(e), false),
-                },
-                Err(e) => (Err(e), conn.batch_execute("ROLLBACK").await.is_ok()),
-            };
-            if ended {
-                open.store(false, Ordering::SeqCst);
-            }
-            result
+            let outcome = statement.await;
+            self.end_own_transaction(outcome).await
         }
         .boxed()
     }

@@ -458,8 +458,6 @@ fn ignore_race(error: DbError, job: Uuid) -> Result<(), DbError> {
     }
 }
 
-/// Turns `scheduler:wake` messages into notifications, resubscribing after
-/// Redis failures. While Redis is down the sweep interval bounds latency.
 /// Wake-ups received since the engine last looked: the orgs they came from,
 /// or everything (after a (re)subscription, which may have missed some, and
 /// when a timer fired).
@@ -502,6 +500,8 @@ impl Wakeups {
     }
 }
 
+/// Turns `scheduler:wake` messages into notifications, resubscribing after
+/// Redis failures. While Redis is down the sweep interval bounds latency.
 async fn listen_for_wakeups(bus: Bus, wakeups: Arc<Wakeups>, shutdown: CancellationToken) {
     let mut backoff = Duration::from_millis(200);
     loop {
@@ -535,5 +535,31 @@ async fn listen_for_wakeups(bus: Bus, wakeups: Arc<Wakeups>, shutdown: Cancellat
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn org(raw: &str) -> OrgId {
+        OrgId::parse(raw).expect("valid org id")
+    }
+
+    #[test]
+    fn wakeups_name_the_orgs_that_woke_and_fall_back_to_all() {
+        let wakeups = Wakeups::default();
+        // Nothing seen yet (a fresh engine): every org.
+        assert_eq!(wakeups.take(), None);
+        assert_eq!(wakeups.take(), Some(vec![]));
+        wakeups.wake_org(org("acme"));
+        wakeups.wake_org(org("acme"));
+        assert_eq!(wakeups.take(), Some(vec![org("acme")]));
+        wakeups.wake_org(org("acme"));
+        wakeups.include_all();
+        wakeups.wake_org(org("globex"));
+        assert_eq!(wakeups.take(), None, "a pass over every org covers them");
+        wakeups.wake_all();
+        assert_eq!(wakeups.take(), None);
     }
 }
