@@ -122,8 +122,12 @@ trap stop_all EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
+# BENCH_BROADCASTER_WRAPPER runs the broadcaster under a profiler, e.g. "heaptrack -o target/bench/ws"
+# (its memory figure is then the wrapper's, not the broadcaster's).
 for service in job-api agent-gateway scheduler realtime-broadcaster; do
-  "$bin/$service" >"$work/logs/$service.log" 2>&1 &
+  wrapper=()
+  [[ $service == realtime-broadcaster && -n ${BENCH_BROADCASTER_WRAPPER:-} ]] && read -ra wrapper <<<"$BENCH_BROADCASTER_WRAPPER"
+  "${wrapper[@]}" "$bin/$service" >"$work/logs/$service.log" 2>&1 &
   pids+=($!)
   pid_of[$service]=$!
 done

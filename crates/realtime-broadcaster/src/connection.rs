@@ -3,6 +3,11 @@
 //! task per subscription that sends history then live with no gap and no
 //! duplicate.
 //!
+//! The HTTP server hands the upgrade request over with its bare socket
+//! ([`service_kit::http::serve_with_upgrades`]); after the handshake the
+//! connection lives on the service's runtime with a 1 KiB read buffer and
+//! no HTTP state, which is what lets one replica hold tens of thousands.
+//!
 //! A job subscription joins the channel's feed first (so nothing published
 //! from then on is missed), then reads PostgreSQL from `since_seq` in
 //! pages, then merges the feed: lines already sent are dropped, a hole is
@@ -12,21 +17,34 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix_web::{HttpRequest, HttpResponse, web};
-use actix_ws::{CloseCode, CloseReason, Message};
+use actix_http::body::{BodySize, MessageBody};
+use actix_http::h1;
+use actix_http::header::{self, HeaderMap};
+use actix_web::HttpResponse;
+use actix_web::http::StatusCode;
 use auth::Principal;
-use bytestring::ByteString;
 use domain::JobId;
 use domain::events::LogLine;
+use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
+use service_kit::http::UpgradeConnection;
+use service_kit::problem::Problem;
 use tokio::sync::mpsc;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::hub::{FeedItem, Hub, PAGE, Subscription};
 use crate::protocol::{
-    BEARER_PROTOCOL_PREFIX, ClientMessage, SUBPROTOCOL, ServerMessage, StatusView, Topic, close,
-    error_code,
+    BEARER_PROTOCOL_PREFIX, ClientMessage, Frame, MAX_CLIENT_MESSAGE_BYTES, SUBPROTOCOL,
+    ServerMessage, StatusView, Topic, close, error_code,
 };
+
+/// The WebSocket route; every other upgrade request gets 404.
+pub const PATH: &str = "/v1/ws";
 
 /// What every connection shares.
 pub struct AppState {
@@ -35,6 +53,8 @@ pub struct AppState {
     pub verifier: auth::Verifier,
     pub settings: Settings,
     pub shutdown: CancellationToken,
+    /// Open connections, so shutdown can wait for their close frames.
+    pub connections: TaskTracker,
 }
 
 /// Connection limits and timing.
@@ -51,6 +71,19 @@ pub struct Settings {
     pub max_subscriptions: usize,
 }
 
+type Socket = WebSocketStream<tokio::net::TcpStream>;
+
+/// Buffers sized for a connection that mostly waits: client messages are
+/// small (the read buffer grows for a larger one, up to the limit), and
+/// queued frames go out in one write of up to 64 KiB.
+fn socket_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(1024)
+        .write_buffer_size(64 * 1024)
+        .max_message_size(Some(MAX_CLIENT_MESSAGE_BYTES))
+        .max_frame_size(Some(MAX_CLIENT_MESSAGE_BYTES))
+}
+
 #[derive(Deserialize)]
 struct TokenQuery {
     access_token: Option<String>,
@@ -58,27 +91,31 @@ struct TokenQuery {
 
 /// The bearer token: `Authorization` header, `?access_token=`, or a
 /// `bearer.<jwt>` entry of `Sec-WebSocket-Protocol`.
-fn token_of(req: &HttpRequest) -> Option<String> {
-    if let Some(token) = req
-        .headers()
-        .get(actix_web::http::header::AUTHORIZATION)
+fn token_of(headers: &HeaderMap, query: &str) -> Option<String> {
+    if let Some(token) = headers
+        .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(auth::bearer)
     {
         return Some(token.to_owned());
     }
-    if let Ok(query) = web::Query::<TokenQuery>::from_query(req.query_string())
+    if let Ok(query) = actix_web::web::Query::<TokenQuery>::from_query(query)
         && let Some(token) = query.into_inner().access_token.filter(|t| !t.is_empty())
     {
         return Some(token);
     }
-    req.headers()
-        .get_all(actix_web::http::header::SEC_WEBSOCKET_PROTOCOL)
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .find_map(|p| p.trim().strip_prefix(BEARER_PROTOCOL_PREFIX))
+    offered_protocols(headers)
+        .find_map(|p| p.strip_prefix(BEARER_PROTOCOL_PREFIX))
         .filter(|t| !t.is_empty())
         .map(str::to_owned)
+}
+
+fn offered_protocols(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
 }
 
 /// When a verified token stops being accepted (`exp` plus the verifier's
@@ -101,14 +138,72 @@ fn expiry_of(token: &str) -> Option<tokio::time::Instant> {
     Some(tokio::time::Instant::now() + Duration::from_secs(left))
 }
 
-/// `GET /v1/ws`: upgrades, then authenticates. A bad token still upgrades
-/// so that browsers see the close code (4001) and its reason.
-pub async fn connect(
-    req: HttpRequest,
-    body: web::Payload,
-    state: web::Data<AppState>,
-) -> actix_web::Result<HttpResponse> {
-    let verdict = match token_of(&req) {
+/// `GET /v1/ws` without `Upgrade: websocket` (upgrade requests never reach
+/// the routes): 426.
+pub async fn upgrade_required() -> HttpResponse {
+    let mut response = Problem::new(
+        StatusCode::UPGRADE_REQUIRED,
+        "upgrade-required",
+        "WebSocket upgrade required",
+    )
+    .detail(format!("{PATH} speaks WebSocket only (PROTOCOL.md)"))
+    .response();
+    response.headers_mut().insert(
+        header::UPGRADE,
+        header::HeaderValue::from_static("websocket"),
+    );
+    response
+}
+
+/// Writes an HTTP response to an upgrade request it refuses, and ends.
+async fn refuse(
+    mut connection: UpgradeConnection,
+    response: actix_http::Response<actix_http::body::BoxBody>,
+) {
+    let (mut head, body) = response.into_parts();
+    // Nothing follows on this connection (the request was an upgrade).
+    head.head_mut()
+        .set_connection_type(actix_http::ConnectionType::Close);
+    let body = body.try_into_bytes().unwrap_or_default();
+    let sent = async {
+        connection
+            .send(h1::Message::Item((
+                head,
+                BodySize::Sized(body.len() as u64),
+            )))
+            .await?;
+        connection.send(h1::Message::Chunk(Some(body))).await?;
+        connection.send(h1::Message::Chunk(None)).await
+    };
+    if let Err(error) = sent.await {
+        tracing::debug!(error = %error, "refusing an upgrade request");
+    }
+}
+
+/// A WebSocket upgrade request (`GET /v1/ws`): completes the handshake,
+/// then authenticates. A bad token still upgrades so that browsers see the
+/// close code (4001) and its reason.
+pub async fn upgrade(
+    state: Arc<AppState>,
+    request: actix_http::Request,
+    mut connection: UpgradeConnection,
+) {
+    if request.path() != PATH {
+        let problem = Problem::new(StatusCode::NOT_FOUND, "not-found", "No WebSocket here")
+            .detail(format!("WebSocket connections go to {PATH}"));
+        return refuse(connection, problem.response().into()).await;
+    }
+    let handshake = match actix_http::ws::handshake(request.head()) {
+        Ok(handshake) => handshake,
+        Err(error) => {
+            let status = actix_http::Response::from(&error).status();
+            let problem = Problem::new(status, "bad-handshake", "Not a WebSocket handshake")
+                .detail(error.to_string());
+            return refuse(connection, problem.response().into()).await;
+        }
+    };
+    let headers = &request.head().headers;
+    let verdict = match token_of(headers, request.uri().query().unwrap_or("")) {
         None => Err((close::UNAUTHORIZED, "missing bearer token".to_owned())),
         Some(token) => match state.verifier.verify(&token).await {
             Ok(principal) => Ok((principal, expiry_of(&token))),
@@ -122,65 +217,122 @@ pub async fn connect(
             Err(error) => Err((close::UNAUTHORIZED, error.to_string())),
         },
     };
-    let (response, session, stream) = actix_ws::handle_with_protocols(&req, body, &[SUBPROTOCOL])?;
-    let state = state.into_inner();
-    actix_web::rt::spawn(async move {
-        match verdict {
-            Ok((principal, expiry)) => {
-                Connection::new(state, session, Arc::new(principal))
-                    .run(stream, expiry)
-                    .await;
-            }
-            Err((code, reason)) => {
-                let _ = session.close(Some(reason_of(code, &reason))).await;
-            }
+    let mut handshake = handshake;
+    // Browsers fail the handshake if they offer protocols and none is chosen.
+    if offered_protocols(headers).any(|p| p == SUBPROTOCOL) {
+        handshake.insert_header((header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL));
+    }
+    let (head, _) = handshake.finish().into_parts();
+    if let Err(error) = connection
+        .send(h1::Message::Item((head, BodySize::None)))
+        .await
+    {
+        tracing::debug!(error = %error, "WebSocket handshake not sent");
+        return;
+    }
+    let parts = connection.into_parts();
+    // Frames the client sent right behind its request.
+    let early = parts.read_buf.to_vec();
+    // Off the HTTP worker's reactor, onto the service's runtime.
+    let socket = match parts.io.into_std() {
+        Ok(socket) => socket,
+        Err(error) => {
+            tracing::debug!(error = %error, "upgraded socket lost");
+            return;
         }
-    });
-    Ok(response)
+    };
+    let runtime = state.hub.runtime().clone();
+    let connections = state.connections.clone();
+    connections.spawn_on(
+        async move {
+            let socket = match tokio::net::TcpStream::from_std(socket) {
+                Ok(socket) => socket,
+                Err(error) => {
+                    tracing::warn!(error = %error, "cannot register an upgraded socket");
+                    return;
+                }
+            };
+            let socket = WebSocketStream::from_partially_read(
+                socket,
+                early,
+                Role::Server,
+                Some(socket_config()),
+            )
+            .await;
+            match verdict {
+                Ok((principal, expiry)) => {
+                    Connection::new(state, Arc::new(principal))
+                        .run(socket, expiry)
+                        .await;
+                }
+                Err((code, reason)) => close_socket(socket, code, &reason, Vec::new()).await,
+            }
+        },
+        &runtime,
+    );
 }
 
-fn reason_of(code: u16, description: &str) -> CloseReason {
-    CloseReason {
+/// How long a closing connection may take to accept what was queued and
+/// the close frame. A slow consumer usually catches up and reads them.
+const CLOSE_WITHIN: Duration = Duration::from_secs(60);
+
+/// Sends what is still queued and the close frame, then waits a little for
+/// the client's close so that it is not cut off by a reset.
+async fn close_socket(mut socket: Socket, code: u16, reason: &str, queued: Vec<Frame>) {
+    let frame = CloseFrame {
         code: CloseCode::from(code),
-        description: Some(description.to_owned()),
-    }
+        reason: reason.into(),
+    };
+    let closing = async {
+        for queued in queued {
+            socket.feed(Message::Text(queued)).await?;
+        }
+        socket.close(Some(frame)).await?;
+        while let Some(Ok(_)) = socket.next().await {}
+        Ok::<_, tungstenite::Error>(())
+    };
+    // A consumer that reads nothing will not take the close frame either:
+    // give up after a while and drop the connection.
+    let _ = tokio::time::timeout(CLOSE_WITHIN, closing).await;
 }
 
 struct Connection {
     state: Arc<AppState>,
-    session: actix_ws::Session,
     principal: Arc<Principal>,
-    out_tx: mpsc::Sender<ByteString>,
-    out_rx: mpsc::Receiver<ByteString>,
+    out_tx: mpsc::Sender<Frame>,
+    out_rx: mpsc::Receiver<Frame>,
     slow: CancellationToken,
+    /// A frame taken from the queue by a write that gave up.
+    unsent: Option<Frame>,
     subscriptions: HashMap<String, tokio::task::JoinHandle<()>>,
 }
+
+const SLOW: &str = "send queue full: resubscribe with since_seq";
+const SHUTTING_DOWN: &str = "server shutting down";
 
 enum Outcome {
     Continue,
     Close(u16, &'static str),
+    /// The client closed; its close frame is answered.
+    ClosedByClient,
     Gone,
 }
 
 impl Connection {
-    fn new(state: Arc<AppState>, session: actix_ws::Session, principal: Arc<Principal>) -> Self {
+    fn new(state: Arc<AppState>, principal: Arc<Principal>) -> Self {
         let (out_tx, out_rx) = mpsc::channel(state.settings.send_queue_frames.max(1));
         Self {
             state,
-            session,
             principal,
             out_tx,
             out_rx,
             slow: CancellationToken::new(),
+            unsent: None,
             subscriptions: HashMap::new(),
         }
     }
 
-    async fn run(
-        mut self,
-        mut stream: actix_ws::MessageStream,
-        expiry: Option<tokio::time::Instant>,
-    ) {
+    async fn run(mut self, mut socket: Socket, expiry: Option<tokio::time::Instant>) {
         let interval = self.state.settings.ping_interval;
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         let mut awaiting_pong = false;
@@ -192,34 +344,38 @@ impl Connection {
         tokio::pin!(expired);
         let outcome = loop {
             let outcome = tokio::select! {
-                _ = shutdown.cancelled() => Outcome::Close(close::GOING_AWAY, "server shutting down"),
+                _ = shutdown.cancelled() => Outcome::Close(close::GOING_AWAY, SHUTTING_DOWN),
                 _ = &mut expired, if expiry.is_some() => Outcome::Close(close::UNAUTHORIZED, "token expired"),
-                _ = slow.cancelled() => Outcome::Close(close::SLOW_CONSUMER, "send queue full: resubscribe with since_seq"),
+                _ = slow.cancelled() => Outcome::Close(close::SLOW_CONSUMER, SLOW),
                 _ = ping.tick() => {
                     if awaiting_pong {
                         Outcome::Close(close::KEEPALIVE_TIMEOUT, "no pong")
                     } else {
                         awaiting_pong = true;
-                        self.write_ping().await
+                        self.write(&mut socket, Message::Ping(Default::default())).await
                     }
                 }
                 frame = self.out_rx.recv() => match frame {
-                    Some(frame) => self.write(frame).await,
+                    Some(frame) => self.write(&mut socket, Message::Text(frame)).await,
                     None => Outcome::Gone,
                 },
-                message = stream.recv() => match message {
+                message = socket.next() => match message {
                     None => Outcome::Gone,
-                    Some(Err(_)) => Outcome::Close(close::PROTOCOL_ERROR, "bad frame"),
-                    Some(Ok(Message::Text(text))) => self.on_text(&text),
-                    Some(Ok(Message::Ping(bytes))) => {
-                        if self.session.pong(&bytes).await.is_err() { Outcome::Gone } else { Outcome::Continue }
+                    Some(Err(tungstenite::Error::Capacity(_))) => {
+                        Outcome::Close(close::MESSAGE_TOO_BIG, "client messages are at most 64 KiB")
                     }
+                    Some(Err(tungstenite::Error::Protocol(_) | tungstenite::Error::Utf8(_))) => {
+                        Outcome::Close(close::PROTOCOL_ERROR, "bad frame")
+                    }
+                    Some(Err(_)) => Outcome::Gone,
+                    Some(Ok(Message::Text(text))) => self.on_text(&text),
+                    // Answered by the socket on its next read.
+                    Some(Ok(Message::Ping(_) | Message::Frame(_))) => Outcome::Continue,
                     Some(Ok(Message::Pong(_))) => { awaiting_pong = false; Outcome::Continue }
-                    Some(Ok(Message::Close(_))) => Outcome::Close(1000, "bye"),
-                    Some(Ok(Message::Binary(_) | Message::Continuation(_))) => {
+                    Some(Ok(Message::Close(_))) => Outcome::ClosedByClient,
+                    Some(Ok(Message::Binary(_))) => {
                         Outcome::Close(close::UNSUPPORTED_DATA, "JSON text frames only")
                     }
-                    Some(Ok(Message::Nop)) => Outcome::Continue,
                 },
             };
             match outcome {
@@ -230,46 +386,70 @@ impl Connection {
         for (_, task) in self.subscriptions.drain() {
             task.abort();
         }
-        if let Outcome::Close(code, reason) = outcome {
-            if code == close::SLOW_CONSUMER {
-                self.state.metrics.slow_consumer_closes.inc();
-                tracing::info!(
-                    user.id = %self.principal.user_id,
-                    "closing a slow consumer"
-                );
+        match outcome {
+            Outcome::Close(code, reason) => {
+                if code == close::SLOW_CONSUMER {
+                    self.state.metrics.slow_consumer_closes.inc();
+                    tracing::info!(
+                        user.id = %self.principal.user_id,
+                        "closing a slow consumer"
+                    );
+                }
+                // What was queued before the close still goes first.
+                let mut queued: Vec<Frame> = self.unsent.take().into_iter().collect();
+                while let Ok(frame) = self.out_rx.try_recv() {
+                    queued.push(frame);
+                }
+                close_socket(socket, code, reason, queued).await;
             }
-            let closing = self.session.close(Some(reason_of(code, reason)));
-            // A consumer that reads nothing will not take the close frame
-            // either: give up after a while and drop the connection.
-            let _ = tokio::time::timeout(Duration::from_secs(10), closing).await;
+            Outcome::ClosedByClient => {
+                let _ = tokio::time::timeout(CLOSE_WITHIN, socket.flush()).await;
+            }
+            Outcome::Continue | Outcome::Gone => {}
         }
     }
 
-    async fn write(&mut self, frame: ByteString) -> Outcome {
-        let slow = self.slow.clone();
-        tokio::select! {
-            result = self.session.text(frame) => match result {
+    /// Sends `first` and whatever else is queued by then in one write. Gives
+    /// up on a client that takes no bytes for a ping interval, or once the
+    /// connection is slow or the server stops; a frame taken from the queue
+    /// but not yet handed to the socket is kept for the close.
+    async fn write(&mut self, socket: &mut Socket, first: Message) -> Outcome {
+        let mut pending = Some(first);
+        let out_rx = &mut self.out_rx;
+        let sent = async {
+            loop {
+                std::future::poll_fn(|cx| socket.poll_ready_unpin(cx)).await?;
+                let Some(message) = pending
+                    .take()
+                    .or_else(|| out_rx.try_recv().ok().map(Message::Text))
+                else {
+                    break;
+                };
+                socket.start_send_unpin(message)?;
+            }
+            socket.flush().await
+        };
+        let outcome = tokio::select! {
+            result = sent => match result {
                 Ok(()) => Outcome::Continue,
                 Err(_) => Outcome::Gone,
             },
-            _ = slow.cancelled() => Outcome::Close(close::SLOW_CONSUMER, "send queue full: resubscribe with since_seq"),
+            _ = self.slow.cancelled() => Outcome::Close(close::SLOW_CONSUMER, SLOW),
+            _ = tokio::time::sleep(self.state.settings.ping_interval) => {
+                Outcome::Close(close::SLOW_CONSUMER, "not reading")
+            }
+            _ = self.state.shutdown.cancelled() => Outcome::Close(close::GOING_AWAY, SHUTTING_DOWN),
+        };
+        if let Some(Message::Text(frame)) = pending {
+            self.unsent = Some(frame);
         }
-    }
-
-    async fn write_ping(&mut self) -> Outcome {
-        match self.session.ping(b"").await {
-            Ok(()) => Outcome::Continue,
-            Err(_) => Outcome::Gone,
-        }
+        outcome
     }
 
     fn reply(&mut self, message: ServerMessage<'_>) -> Outcome {
         match self.out_tx.try_send(message.frame()) {
             Ok(()) => Outcome::Continue,
-            Err(_) => Outcome::Close(
-                close::SLOW_CONSUMER,
-                "send queue full: resubscribe with since_seq",
-            ),
+            Err(_) => Outcome::Close(close::SLOW_CONSUMER, SLOW),
         }
     }
 
@@ -352,7 +532,7 @@ enum Stop {
 struct SubscriptionTask {
     hub: Hub,
     principal: Arc<Principal>,
-    out: mpsc::Sender<ByteString>,
+    out: mpsc::Sender<Frame>,
     slow: CancellationToken,
     channel: String,
     feed_queue: usize,
@@ -376,12 +556,12 @@ impl SubscriptionTask {
     }
 
     /// Waits for room: history and replies, paced by the client.
-    async fn send(&self, frame: ByteString) -> Result<(), Stop> {
+    async fn send(&self, frame: Frame) -> Result<(), Stop> {
         self.out.send(frame).await.map_err(|_| Stop::Quiet)
     }
 
     /// Never waits: live frames; a full queue makes the connection slow.
-    fn push(&self, frame: ByteString) -> Result<(), Stop> {
+    fn push(&self, frame: Frame) -> Result<(), Stop> {
         match self.out.try_send(frame) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {

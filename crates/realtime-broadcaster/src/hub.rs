@@ -20,7 +20,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytestring::ByteString;
 use domain::events::{Envelope, Event, LogLine};
 use domain::job::JobStatus;
 use domain::{JobId, OrgId};
@@ -42,11 +41,11 @@ pub enum FeedItem {
         first: i64,
         last: i64,
         lines: Vec<LogLine>,
-        frame: ByteString,
+        frame: crate::protocol::Frame,
     },
     Status {
         terminal: bool,
-        frame: ByteString,
+        frame: crate::protocol::Frame,
     },
 }
 
@@ -151,6 +150,11 @@ impl Hub {
 
     pub fn db(&self) -> &db::Db {
         &self.inner.db
+    }
+
+    /// The service's runtime (not an HTTP worker's).
+    pub fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.inner.runtime
     }
 
     /// Runs `future` on the service's runtime (not an HTTP worker's).

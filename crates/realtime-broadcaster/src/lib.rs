@@ -101,25 +101,37 @@ pub async fn run(
         metrics.clone(),
         hub_stop.clone(),
     )?;
-    let state = web::Data::new(connection::AppState {
+    let state = std::sync::Arc::new(connection::AppState {
         hub,
         metrics,
         verifier,
         settings: config.settings,
         shutdown: shutdown.clone(),
+        connections: tokio_util::task::TaskTracker::new(),
     });
     let dashboard = web::Data::new(dashboard::Dashboard::new(&config.dashboard_api_url));
-    let result = service_kit::http::serve(
+    let upgrading = state.clone();
+    let result = service_kit::http::serve_with_upgrades(
         listener,
         &config.common.http,
         foundation.ops.clone(),
         shutdown,
         move |cfg| {
-            cfg.app_data(state.clone())
-                .app_data(dashboard.clone())
-                .route("/v1/ws", web::get().to(connection::connect))
+            cfg.app_data(dashboard.clone())
+                .route(
+                    connection::PATH,
+                    web::get().to(connection::upgrade_required),
+                )
                 .configure(dashboard::configure);
         },
+        move |request, connection| connection::upgrade(upgrading.clone(), request, connection),
+    )
+    .await;
+    // The connections saw the same shutdown: let them send their 1001.
+    state.connections.close();
+    let _ = tokio::time::timeout(
+        config.common.http.shutdown_timeout,
+        state.connections.wait(),
     )
     .await;
     hub_stop.cancel();

@@ -2,7 +2,6 @@
 //! and close codes. `PROTOCOL.md` at the crate root is the reader's version;
 //! keep the two in step.
 
-use bytestring::ByteString;
 use chrono::{DateTime, Utc};
 use domain::events::LogLine;
 use domain::job::JobStatus;
@@ -15,6 +14,12 @@ use uuid::Uuid;
 pub const SUBPROTOCOL: &str = "switchyard.v1";
 /// A `Sec-WebSocket-Protocol` entry `bearer.<jwt>` carries the token.
 pub const BEARER_PROTOCOL_PREFIX: &str = "bearer.";
+/// The largest client message accepted (client messages are a few hundred
+/// bytes of JSON); a larger one closes the connection with 1009.
+pub const MAX_CLIENT_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// A serialized server message: UTF-8 text, shared by every receiver.
+pub type Frame = tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// Close codes, mapped once here.
 pub mod close {
@@ -22,6 +27,8 @@ pub mod close {
     pub const GOING_AWAY: u16 = 1001;
     /// A binary frame: the protocol is JSON text only.
     pub const UNSUPPORTED_DATA: u16 = 1003;
+    /// A client message over [`super::MAX_CLIENT_MESSAGE_BYTES`].
+    pub const MESSAGE_TOO_BIG: u16 = 1009;
     /// The verification keys are unavailable; retry later.
     pub const TRY_AGAIN_LATER: u16 = 1013;
     /// A frame that is not JSON.
@@ -157,13 +164,13 @@ pub enum ServerMessage<'a> {
 
 impl ServerMessage<'_> {
     /// Serializes once; the frame is then shared by every receiver.
-    pub fn frame(&self) -> ByteString {
+    pub fn frame(&self) -> Frame {
         match serde_json::to_string(self) {
-            Ok(text) => ByteString::from(text),
+            Ok(text) => Frame::from(text),
             // Only non-string map keys fail, and there are none.
             Err(error) => {
                 tracing::error!(error = %error, "cannot encode a server message");
-                ByteString::from_static(
+                Frame::from_static(
                     r#"{"type":"error","code":"internal","message":"encoding failed"}"#,
                 )
             }

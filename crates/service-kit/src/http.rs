@@ -137,6 +137,39 @@ async fn deadline_and_metrics(
     Ok(response)
 }
 
+/// The routes every service serves: `configure`'s plus the operational
+/// endpoints, behind the deadline and metrics middleware.
+fn app<F>(
+    ops: Ops,
+    deadline: RequestDeadline,
+    configure: F,
+) -> App<
+    impl actix_web::dev::ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<impl MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+>
+where
+    F: Fn(&mut web::ServiceConfig) + 'static,
+{
+    App::new()
+        .app_data(deadline)
+        .wrap(from_fn(deadline_and_metrics))
+        .configure(move |cfg| ops.configure(cfg))
+        .configure(configure)
+}
+
+/// Stops `server` gracefully once `shutdown` is cancelled.
+fn stop_on(shutdown: CancellationToken, server: actix_web::dev::ServerHandle) {
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        server.stop(true).await;
+    });
+}
+
 /// Serves `configure`'s routes plus the operational endpoints until
 /// `shutdown` is cancelled, then stops accepting and lets in-flight
 /// requests finish (up to the shutdown timeout).
@@ -151,28 +184,77 @@ where
     F: Fn(&mut web::ServiceConfig) + Send + Clone + 'static,
 {
     let deadline = RequestDeadline(config.request_timeout);
-    let server = HttpServer::new(move || {
-        let ops = ops.clone();
-        let configure = configure.clone();
-        App::new()
-            .app_data(deadline)
-            .wrap(from_fn(deadline_and_metrics))
-            .configure(move |cfg| ops.configure(cfg))
-            .configure(configure)
-    })
-    .workers(config.workers)
-    // Responses and WebSocket frames go out at once, not after Nagle's wait.
-    .tcp_nodelay(true)
-    .keep_alive(config.keep_alive)
-    .client_request_timeout(config.client_request_timeout)
-    .shutdown_timeout(config.shutdown_timeout.as_secs())
-    .disable_signals()
-    .listen(listener)?
-    .run();
-    let handle = server.handle();
-    tokio::spawn(async move {
-        shutdown.cancelled().await;
-        handle.stop(true).await;
-    });
+    let server = HttpServer::new(move || app(ops.clone(), deadline, configure.clone()))
+        .workers(config.workers)
+        // Responses and WebSocket frames go out at once, not after Nagle's wait.
+        .tcp_nodelay(true)
+        .keep_alive(config.keep_alive)
+        .client_request_timeout(config.client_request_timeout)
+        .shutdown_timeout(config.shutdown_timeout.as_secs())
+        .disable_signals()
+        .listen(listener)?
+        .run();
+    stop_on(shutdown, server.handle());
+    server.await
+}
+
+/// A WebSocket upgrade request's connection, with the HTTP/1 codec that read
+/// the request: its read buffer may already hold the client's first frames.
+pub type UpgradeConnection = actix_codec::Framed<tokio::net::TcpStream, actix_http::h1::Codec>;
+
+/// [`serve`], except that WebSocket upgrade requests (and `CONNECT`) skip the
+/// routes and the middleware and go to `upgrade` with their bare connection.
+/// `upgrade` answers the handshake itself and owns the socket from then on,
+/// so a held WebSocket costs no HTTP buffers (actix-web keeps 16 KiB of them
+/// per connection for as long as a request lasts).
+pub async fn serve_with_upgrades<F, U, Handled>(
+    listener: TcpListener,
+    config: &HttpConfig,
+    ops: Ops,
+    shutdown: CancellationToken,
+    configure: F,
+    upgrade: U,
+) -> std::io::Result<()>
+where
+    F: Fn(&mut web::ServiceConfig) + Send + Clone + 'static,
+    U: Fn(actix_http::Request, UpgradeConnection) -> Handled + Send + Clone + 'static,
+    Handled: Future<Output = ()> + 'static,
+{
+    use actix_service::{IntoServiceFactory, ServiceFactoryExt};
+    let deadline = RequestDeadline(config.request_timeout);
+    let local_addr = listener.local_addr()?;
+    let http = config.clone();
+    let server = actix_server::Server::build()
+        .workers(config.workers)
+        .shutdown_timeout(config.shutdown_timeout.as_secs())
+        .disable_signals()
+        .listen("http", listener, move || {
+            let upgrade = upgrade.clone();
+            let routes = app(ops.clone(), deadline, configure.clone())
+                .into_factory()
+                .map_err(|error: actix_web::Error| error.error_response());
+            actix_http::HttpService::build()
+                .keep_alive(http.keep_alive)
+                .client_request_timeout(http.client_request_timeout)
+                .tcp_nodelay(true)
+                .local_addr(local_addr)
+                .upgrade(actix_service::fn_service(
+                    move |(request, connection): (actix_http::Request, UpgradeConnection)| {
+                        let handled = upgrade(request, connection);
+                        async move {
+                            handled.await;
+                            Ok::<_, std::convert::Infallible>(())
+                        }
+                    },
+                ))
+                // The default app config only names a host for requests
+                // without a `Host` header; nothing here builds URLs from it.
+                .finish(actix_service::map_config(routes, |()| {
+                    actix_web::dev::AppConfig::default()
+                }))
+                .tcp()
+        })?
+        .run();
+    stop_on(shutdown, server.handle());
     server.await
 }

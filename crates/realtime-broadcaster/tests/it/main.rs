@@ -5,6 +5,7 @@ mod auth;
 #[cfg(feature = "browser-test")]
 mod browser;
 mod fanout;
+mod handshake;
 mod keepalive;
 mod metrics;
 mod ops;
