@@ -181,7 +181,7 @@ impl Sizes {
             fanout_frame_rates: if args.smoke {
                 vec![20, 50]
             } else {
-                vec![50, 100, 200, 400, 800, 1600]
+                vec![50, 100, 150, 200, 300, 400, 600, 800, 1200, 1600]
             },
             fanout_step: secs(1.0, 3.0),
         }
