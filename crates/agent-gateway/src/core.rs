@@ -16,7 +16,7 @@ use db::leases::{Ending, Extended};
 use db::logs::IncomingLine;
 use db::{Db, DbError, PooledConn};
 use domain::agent::{AgentProfile, AgentStatus};
-use domain::events::{Envelope, Event, LogStream, TraceContext};
+use domain::events::{Envelope, Event, LogStream, OfferedJob, TraceContext};
 use domain::job::{JobStatus, Labels, Payload};
 use domain::{AgentId, JobId, OrgId};
 use uuid::Uuid;
@@ -85,6 +85,39 @@ impl AssignmentView {
             trace: job.trace(),
         }
     }
+}
+
+impl AssignmentView {
+    /// The assignment as its offer carried it.
+    fn from_offer(org: &OrgId, offer: &IncomingOffer, job: &OfferedJob) -> Self {
+        let payload: Payload = serde_json::from_value(job.payload.clone()).unwrap_or_default();
+        Self {
+            job_id: offer.job_id,
+            epoch: offer.epoch,
+            attempt: offer.attempt.max(1),
+            lease_expires_at: offer.lease_expires_at,
+            deadline: job.deadline_at,
+            org_id: org.as_str().to_owned(),
+            queue: job.queue.clone(),
+            command: payload.command,
+            prompt: payload.prompt,
+            metadata: job.metadata.clone(),
+            run_timeout_ms: job.run_timeout_ms,
+            required_labels: job.required_labels.clone(),
+            repository_id: job.repository_id,
+            trace: None,
+        }
+    }
+}
+
+/// A lease offered to this agent, as the scheduler's message had it.
+#[derive(Clone, Debug)]
+pub struct IncomingOffer {
+    pub job_id: JobId,
+    pub epoch: u64,
+    pub attempt: u32,
+    pub lease_expires_at: DateTime<Utc>,
+    pub job: Option<OfferedJob>,
 }
 
 /// How an attempt ended, as the agent reports it.
@@ -364,6 +397,33 @@ impl Gateway {
             })
             .map(AssignmentView::from_job)
             .collect())
+    }
+
+    /// The assignments for offers that arrived together. An offer that
+    /// carries its job is handed over as it is while its lease lasts: the
+    /// scheduler published it after committing that lease, and the agent's
+    /// acknowledgement is fenced by the epoch. The others are read in one
+    /// statement, outdated ones left out.
+    pub async fn offered_assignments(
+        &self,
+        ctx: &AgentContext,
+        offers: &[IncomingOffer],
+    ) -> GatewayResult<Vec<AssignmentView>> {
+        let now = Utc::now();
+        let mut views = Vec::with_capacity(offers.len());
+        let mut to_read = Vec::new();
+        for offer in offers {
+            match &offer.job {
+                Some(job) if offer.lease_expires_at > now => {
+                    views.push(AssignmentView::from_offer(&ctx.org, offer, job));
+                }
+                _ => to_read.push((offer.job_id, offer.epoch)),
+            }
+        }
+        if !to_read.is_empty() {
+            views.extend(self.assignments(ctx, &to_read).await?);
+        }
+        Ok(views)
     }
 
     /// Leased jobs of this agent not yet acknowledged.

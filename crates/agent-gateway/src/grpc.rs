@@ -9,10 +9,10 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use chrono::Utc;
-use domain::JobId;
 use domain::agent::AgentProfile;
 use domain::events::{Envelope, Event, LogStream};
 use domain::job::{JobStatus, Labels};
+use domain::{AgentId, JobId};
 use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
@@ -25,7 +25,7 @@ use yard_proto::v1::agent_message::Msg as AgentMsg;
 use yard_proto::v1::server_message::Msg as ServerMsg;
 
 use crate::config::GrpcSettings;
-use crate::core::{AgentContext, AssignmentView, Finish, Gateway, LogAppend};
+use crate::core::{AgentContext, AssignmentView, Finish, Gateway, IncomingOffer, LogAppend};
 use crate::error::GatewayError;
 use crate::metrics::ConnectedAgent;
 use bus::Channel;
@@ -934,19 +934,11 @@ impl Session {
         let mut offers = Vec::new();
         let mut commands = 0;
         for envelope in &batch {
+            if let Some(found) = offers_for(me, &envelope.event, envelope.trace.as_ref()) {
+                offers.extend(found);
+                continue;
+            }
             match &envelope.event {
-                Event::AssignmentOffered {
-                    agent_id,
-                    job_id,
-                    epoch,
-                    ..
-                } if *agent_id == me => offers.push((*job_id, *epoch, envelope.trace.clone())),
-                Event::AssignmentsOffered {
-                    agent_id,
-                    offers: list,
-                } if *agent_id == me => {
-                    offers.extend(list.iter().map(|o| (o.job_id, o.epoch, o.trace.clone())))
-                }
                 Event::CancelRequested { agent_id, .. }
                 | Event::DrainRequested { agent_id }
                 | Event::AgentRevoked { agent_id }
@@ -966,21 +958,18 @@ impl Session {
         Ok(())
     }
 
-    /// Reads the offered jobs in one statement and delivers those still
-    /// leased to this agent at the offered epoch, each in an `assignment`
-    /// span continuing the trace its offer carried.
+    /// Delivers the offered assignments still current (those whose offer
+    /// does not carry the job are read in one statement), each in an
+    /// `assignment` span continuing the trace its offer carried.
     async fn deliver_offers(
         &mut self,
-        offers: Vec<(JobId, u64, Option<TraceContext>)>,
+        offers: Vec<(IncomingOffer, Option<TraceContext>)>,
     ) -> Result<(), End> {
         if offers.is_empty() {
             return Ok(());
         }
-        let current: Vec<(JobId, u64)> = offers
-            .iter()
-            .map(|(job, epoch, _)| (*job, *epoch))
-            .collect();
-        let views = match self.gateway.assignments(&self.ctx, &current).await {
+        let incoming: Vec<IncomingOffer> = offers.iter().map(|(offer, _)| offer.clone()).collect();
+        let views = match self.gateway.offered_assignments(&self.ctx, &incoming).await {
             Ok(views) => views,
             Err(e) => {
                 // The leases lapse and are requeued if we cannot deliver.
@@ -990,7 +979,7 @@ impl Session {
         };
         let mut traces: HashMap<(JobId, u64), Option<TraceContext>> = offers
             .into_iter()
-            .map(|(job, epoch, trace)| ((job, epoch), trace))
+            .map(|(offer, trace)| ((offer.job_id, offer.epoch), trace))
             .collect();
         for view in views {
             let offered = traces.remove(&(view.job_id, view.epoch)).flatten();
@@ -1009,23 +998,10 @@ impl Session {
     }
 
     async fn on_event(&mut self, envelope: Envelope) -> Result<(), End> {
+        if let Some(offers) = offers_for(self.ctx.id, &envelope.event, envelope.trace.as_ref()) {
+            return self.deliver_offers(offers).await;
+        }
         match envelope.event {
-            Event::AssignmentOffered {
-                agent_id,
-                job_id,
-                epoch,
-                ..
-            } if agent_id == self.ctx.id => {
-                self.deliver_offers(vec![(job_id, epoch, envelope.trace)])
-                    .await
-            }
-            Event::AssignmentsOffered { agent_id, offers } if agent_id == self.ctx.id => {
-                let offers = offers
-                    .into_iter()
-                    .map(|o| (o.job_id, o.epoch, o.trace))
-                    .collect();
-                self.deliver_offers(offers).await
-            }
             Event::CancelRequested {
                 agent_id,
                 job_id,
@@ -1056,6 +1032,52 @@ impl Session {
             }
             _ => Ok(()),
         }
+    }
+}
+
+/// The offers an event makes to agent `me`, each with the trace it
+/// continues (a single offer's is the envelope's).
+fn offers_for(
+    me: AgentId,
+    event: &Event,
+    envelope_trace: Option<&TraceContext>,
+) -> Option<Vec<(IncomingOffer, Option<TraceContext>)>> {
+    match event {
+        Event::AssignmentOffered {
+            agent_id,
+            job_id,
+            epoch,
+            attempt,
+            lease_expires_at,
+            job,
+        } if *agent_id == me => Some(vec![(
+            IncomingOffer {
+                job_id: *job_id,
+                epoch: *epoch,
+                attempt: *attempt,
+                lease_expires_at: *lease_expires_at,
+                job: job.clone(),
+            },
+            envelope_trace.cloned(),
+        )]),
+        Event::AssignmentsOffered { agent_id, offers } if *agent_id == me => Some(
+            offers
+                .iter()
+                .map(|o| {
+                    (
+                        IncomingOffer {
+                            job_id: o.job_id,
+                            epoch: o.epoch,
+                            attempt: o.attempt,
+                            lease_expires_at: o.lease_expires_at,
+                            job: o.job.clone(),
+                        },
+                        o.trace.clone(),
+                    )
+                })
+                .collect(),
+        ),
+        _ => None,
     }
 }
 

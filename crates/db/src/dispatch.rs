@@ -16,7 +16,8 @@ use chrono::{DateTime, Utc};
 use diesel::pg::Pg;
 use diesel::prelude::*;
 use diesel::sql_types::{
-    Array, BigInt, Bool, Double, Int2, Int4, Int8, Nullable, Text, Timestamptz, Uuid as SqlUuid,
+    Array, BigInt, Bool, Double, Int2, Int4, Int8, Jsonb, Nullable, Text, Timestamptz,
+    Uuid as SqlUuid,
 };
 use diesel_async::{AsyncConnectionCore, RunQueryDsl};
 use domain::job::Labels;
@@ -74,12 +75,43 @@ pub struct Granted {
     pub traceparent: Option<String>,
     #[diesel(sql_type = Nullable<Text>)]
     pub tracestate: Option<String>,
+    // What the agent needs to run the job (see `offered_job`).
+    #[diesel(sql_type = Text)]
+    pub queue: String,
+    #[diesel(sql_type = Jsonb)]
+    pub payload: serde_json::Value,
+    #[diesel(sql_type = Jsonb)]
+    pub metadata: serde_json::Value,
+    #[diesel(sql_type = Array<Text>)]
+    pub required_labels: Vec<String>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    pub run_timeout_ms: Option<i64>,
+    #[diesel(sql_type = Nullable<SqlUuid>)]
+    pub repository_id: Option<Uuid>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    pub deadline_at: Option<DateTime<Utc>>,
 }
 
 impl Granted {
     /// The trace of the request that created the job.
     pub fn trace(&self) -> Option<domain::events::TraceContext> {
         crate::jobs::stored_trace(self.traceparent.as_deref(), self.tracestate.as_deref())
+    }
+
+    /// The job as its offer carries it, unless it is too big to carry.
+    pub fn offered_job(&self) -> Option<domain::events::OfferedJob> {
+        let size = self.payload.to_string().len() + self.metadata.to_string().len();
+        (size <= domain::events::OfferedJob::MAX_CARRIED_BYTES).then(|| {
+            domain::events::OfferedJob {
+                queue: self.queue.clone(),
+                payload: self.payload.clone(),
+                metadata: self.metadata.clone(),
+                required_labels: self.required_labels.clone(),
+                run_timeout_ms: self.run_timeout_ms.map(|ms| ms.max(0) as u64),
+                repository_id: self.repository_id,
+                deadline_at: self.deadline_at,
+            }
+        })
     }
 }
 
@@ -359,7 +391,8 @@ where
          WHERE j.id = p.job AND j.status = 'queued' \
          RETURNING j.id AS job_id, j.agent_id AS agent_id, j.org_id, j.lease_epoch AS epoch, \
             j.app_failures + j.infra_failures + 1 AS attempt, j.lease_expires_at, j.queued_at, \
-            j.traceparent, j.tracestate",
+            j.traceparent, j.tracestate, j.queue, j.payload, j.metadata, j.required_labels, \
+            j.run_timeout_ms, j.repository_id, j.deadline_at",
     )
     .bind::<Array<SqlUuid>, _>(&jobs)
     .bind::<Array<SqlUuid>, _>(&agents)

@@ -111,6 +111,34 @@ pub struct Offer {
     /// scheduler's offer span); the envelope's trace is the dispatch's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<TraceContext>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<OfferedJob>,
+}
+
+/// What an agent needs to run an offered job, as the lease statement
+/// returned it. Carried in the offer when small, so the gateway hands the
+/// assignment over without reading the job back; an offer without it is
+/// read from PostgreSQL. The agent's acknowledgement is fenced by the
+/// epoch either way.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OfferedJob {
+    pub queue: String,
+    pub payload: serde_json::Value,
+    pub metadata: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub required_labels: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_at: Option<DateTime<Utc>>,
+}
+
+impl OfferedJob {
+    /// Offers carry jobs up to this size (payload and metadata as JSON);
+    /// larger ones are read by the gateway, keeping bus messages small.
+    pub const MAX_CARRIED_BYTES: usize = 4 * 1024;
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -155,6 +183,8 @@ pub enum Event {
         epoch: u64,
         attempt: u32,
         lease_expires_at: DateTime<Utc>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        job: Option<OfferedJob>,
     },
     /// Several leases to one agent from one dispatch, in one message instead
     /// of one each: deliver every assignment.

@@ -219,6 +219,7 @@ impl Engine {
                 attempt: lease.attempt as u32,
                 lease_expires_at: lease.lease_expires_at,
                 trace,
+                job: lease.offered_job(),
             });
         }
         let mut messages = Vec::with_capacity(by_agent.len() + statuses.len());
@@ -234,6 +235,7 @@ impl Engine {
                     epoch: offer.epoch,
                     attempt: offer.attempt,
                     lease_expires_at: offer.lease_expires_at,
+                    job: offer.job,
                 };
                 (event, offer.trace)
             } else {

@@ -911,6 +911,7 @@ async fn a_batched_offer_delivers_each_current_assignment_once_in_its_own_trace(
                 traceparent: format!("00-{:032x}-{:016x}-01", u128::from(n) + 1, 7),
                 tracestate: None,
             }),
+            job: None,
         });
     }
     drop(conn);
@@ -996,6 +997,7 @@ async fn a_burst_of_offers_delivers_each_current_one_once() {
                 epoch,
                 attempt: lease.attempt as u32,
                 lease_expires_at: lease.expires_at,
+                job: None,
             },
         )
         .await;
@@ -1009,6 +1011,7 @@ async fn a_burst_of_offers_delivers_each_current_one_once() {
             epoch: offers[0].1.epoch as u64 + 1,
             attempt: 1,
             lease_expires_at: offers[0].1.expires_at,
+            job: None,
         },
     )
     .await;
@@ -1028,4 +1031,94 @@ async fn a_burst_of_offers_delivers_each_current_one_once() {
     // Neither the repeated offer nor the outdated one is delivered again.
     let extra = session.assignment_within(Duration::from_millis(500)).await;
     assert!(extra.is_none(), "delivered again: {extra:?}");
+}
+
+/// An offer that carries its job is handed over as carried, without reading
+/// the job back; one whose lease has lapsed as carried is checked against
+/// PostgreSQL instead (and an epoch never leased is not delivered).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_offer_carrying_its_job_is_delivered_as_carried_while_its_lease_lasts() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let bus = bus(redis.url(), redis.prefix());
+    let gateway = start(&db, redis.url(), redis.prefix());
+    let token = registration_token(&db).await;
+    let agent = register(&gateway, &token, "runner-1").await;
+    let mut session = RawSession::open(&gateway.grpc_url(), &agent.secret, vec![]).await;
+    wait_online(&db, agent.id).await;
+
+    let mut conn = db.conn().await;
+    let mut leases = Vec::new();
+    for n in 0..2 {
+        let job = submit(&db, &format!("echo stored {n}")).await;
+        let lease = db::leases::lease_job(&mut conn, job, agent.id, ACK_TIMEOUT)
+            .await
+            .expect("lease");
+        leases.push((job, lease));
+    }
+    drop(conn);
+    let carried = |command: &str| domain::events::OfferedJob {
+        queue: "default".to_owned(),
+        payload: serde_json::json!({ "command": command }),
+        metadata: serde_json::json!({ "from": "offer" }),
+        required_labels: vec!["linux".to_owned()],
+        run_timeout_ms: Some(60_000),
+        repository_id: None,
+        deadline_at: None,
+    };
+    let (current, lease) = &leases[0];
+    publish_to_agent(
+        &bus,
+        agent.id,
+        Event::AssignmentOffered {
+            agent_id: agent.id,
+            job_id: *current,
+            epoch: lease.epoch as u64,
+            attempt: lease.attempt as u32,
+            lease_expires_at: lease.expires_at,
+            job: Some(carried("echo carried")),
+        },
+    )
+    .await;
+    let assignment = session.assignment().await;
+    assert_eq!(assignment.job_id, current.to_string());
+    let spec = assignment.spec.expect("spec");
+    assert_eq!(
+        spec.command.as_deref(),
+        Some("echo carried"),
+        "the offer's job, not a read of the stored one"
+    );
+    assert_eq!(spec.required_labels, vec!["linux".to_owned()]);
+
+    // Lapsed as carried, and for an epoch never leased: PostgreSQL says no.
+    let (other, lease) = &leases[1];
+    publish_to_agent(
+        &bus,
+        agent.id,
+        Event::AssignmentsOffered {
+            agent_id: agent.id,
+            offers: vec![
+                domain::events::Offer {
+                    job_id: *other,
+                    epoch: lease.epoch as u64 + 1,
+                    attempt: 1,
+                    lease_expires_at: chrono::Utc::now() - chrono::Duration::seconds(1),
+                    trace: None,
+                    job: Some(carried("echo lapsed")),
+                },
+                // The one delivered already, again.
+                domain::events::Offer {
+                    job_id: *current,
+                    epoch: leases[0].1.epoch as u64,
+                    attempt: 1,
+                    lease_expires_at: leases[0].1.expires_at,
+                    trace: None,
+                    job: Some(carried("echo carried")),
+                },
+            ],
+        },
+    )
+    .await;
+    let extra = session.assignment_within(Duration::from_millis(500)).await;
+    assert!(extra.is_none(), "delivered: {extra:?}");
 }

@@ -262,6 +262,7 @@ pub async fn offer_in_trace(
             epoch: lease.epoch as u64,
             attempt: lease.attempt as u32,
             lease_expires_at: lease.expires_at,
+            job: None,
         },
     )
     .with_trace(trace);

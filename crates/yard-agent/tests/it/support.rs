@@ -244,6 +244,7 @@ pub async fn offer(db: &TestDb, bus: &Bus, job: JobId, agent: AgentId) -> u64 {
             epoch: lease.epoch as u64,
             attempt: lease.attempt as u32,
             lease_expires_at: lease.expires_at,
+            job: None,
         },
     );
     bus.publish(&Channel::Agent(agent), &envelope)
