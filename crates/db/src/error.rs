@@ -16,6 +16,10 @@ pub enum DbError {
     /// No connection could be had in time: PostgreSQL is down or overloaded.
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// Settings taken from a cache changed meanwhile; nothing was written.
+    /// Read them again and retry.
+    #[error("the organization's settings changed")]
+    StaleSettings,
     #[error("database error: {0}")]
     Query(DieselError),
 }

@@ -151,6 +151,7 @@ struct NewJobRow<'a> {
 pub struct CreateContext<'a> {
     pub org: &'a OrgId,
     pub settings: &'a OrgSettings,
+    pub settings_version: crate::orgs::SettingsVersion,
     pub created_by: Option<&'a str>,
     pub request_id: Option<&'a str>,
     /// The creating request's trace: the jobs' dispatch and run continue it.
@@ -328,6 +329,13 @@ fn insert_with_audit<'a>(
     // prepared (one round trip, no parse); a batch's text grows with its
     // length. Chunks stay well under PostgreSQL's 65,535 bind parameters.
     let shared: &'a AsyncPgConnection = conn;
+    // Cached settings are checked first, in the same pipeline.
+    let unchanged = match ctx.settings_version {
+        crate::orgs::SettingsVersion::Cached(updated_at) => {
+            Some(crate::orgs::settings_unchanged(shared, ctx.org, updated_at))
+        }
+        crate::orgs::SettingsVersion::Current => None,
+    };
     let inserts: Vec<_> = rows
         .chunks(500)
         .map(|chunk| {
@@ -363,10 +371,19 @@ fn insert_with_audit<'a>(
         },
     );
     async move {
-        let (chunks, ()) = futures_util::try_join!(
+        let (unchanged, chunks, ()) = futures_util::try_join!(
+            async {
+                match unchanged {
+                    Some(check) => check.await,
+                    None => Ok(true),
+                }
+            },
             async { Ok::<_, DbError>(futures_util::future::try_join_all(inserts).await?) },
             audit
         )?;
+        if !unchanged {
+            return Err(DbError::StaleSettings);
+        }
         let order: HashMap<Uuid, usize> = rows.iter().enumerate().map(|(i, r)| (r.id, i)).collect();
         let mut created: Vec<Job> = chunks.into_iter().flatten().collect();
         created.sort_by_key(|j| order.get(&j.id).copied());

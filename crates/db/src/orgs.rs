@@ -1,6 +1,7 @@
 //! Organizations and their settings. Membership comes from the identity
 //! provider's token; the row is created on first use.
 
+use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel::upsert::excluded;
 use diesel_async::{AsyncConnection, RunQueryDsl};
@@ -57,13 +58,70 @@ impl SettingsRow {
 
 /// The org's settings, or the defaults if none were ever saved.
 pub async fn settings(conn: &mut PgConn, org: &OrgId) -> DbResult<OrgSettings> {
+    Ok(versioned_settings(conn, org).await?.settings)
+}
+
+/// An org's settings with the version they were read at, so a copy kept
+/// in a cache can be checked inside a later write (see
+/// [`SettingsVersion::Cached`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct VersionedSettings {
+    pub settings: OrgSettings,
+    /// `updated_at` of the row; `None` for an org that never saved any.
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+/// Which settings a write was prepared with.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SettingsVersion {
+    /// Read for this write: nothing to check.
+    Current,
+    /// From a cache: the write first checks, in its own transaction, that
+    /// the stored settings are still these, and fails with
+    /// [`DbError::StaleSettings`](crate::DbError::StaleSettings) otherwise.
+    Cached(Option<DateTime<Utc>>),
+}
+
+pub async fn versioned_settings(conn: &mut PgConn, org: &OrgId) -> DbResult<VersionedSettings> {
     let row = org_settings::table
         .find(org.as_str())
-        .select(SettingsRow::as_select())
+        .select((SettingsRow::as_select(), org_settings::updated_at))
         .first(conn)
         .await
         .optional()?;
-    Ok(row.map(SettingsRow::into_domain).unwrap_or_default())
+    Ok(match row {
+        Some((row, updated_at)) => VersionedSettings {
+            settings: row.into_domain(),
+            updated_at: Some(updated_at),
+        },
+        None => VersionedSettings {
+            settings: OrgSettings::default(),
+            updated_at: None,
+        },
+    })
+}
+
+/// Whether the org's stored settings are still at `updated_at`: a
+/// statement for a pipeline inside the write's transaction.
+pub(crate) fn settings_unchanged<'a>(
+    conn: &'a diesel_async::AsyncPgConnection,
+    org: &'a OrgId,
+    updated_at: Option<DateTime<Utc>>,
+) -> impl std::future::Future<Output = DbResult<bool>> + 'a {
+    let mut conn = conn;
+    #[derive(QueryableByName)]
+    struct Unchanged {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        unchanged: bool,
+    }
+    let statement = diesel::sql_query(
+        "SELECT (SELECT updated_at FROM org_settings WHERE org_id = $1) \
+                IS NOT DISTINCT FROM $2 AS unchanged",
+    )
+    .bind::<diesel::sql_types::Text, _>(org.as_str())
+    .bind::<diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>, _>(updated_at)
+    .get_result::<Unchanged>(&mut conn);
+    async move { Ok(statement.await?.unchanged) }
 }
 
 /// Saves the settings and re-ranks the org's queued jobs if the queue

@@ -132,6 +132,8 @@ impl From<DbError> for ApiError {
             DbError::Unavailable(detail) => {
                 ApiError::Unavailable(format!("database unavailable: {detail}"))
             }
+            // Retried with fresh settings before it could get here.
+            stale @ DbError::StaleSettings => ApiError::Internal(stale.to_string()),
             DbError::Query(detail) => ApiError::Internal(detail.to_string()),
         }
     }

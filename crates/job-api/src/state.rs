@@ -1,11 +1,12 @@
 //! Shared application state.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use bus::{Bus, Channel};
 use db::Db;
+use db::orgs::VersionedSettings;
 use domain::OrgId;
 use domain::events::{Envelope, Event};
 
@@ -18,7 +19,15 @@ pub struct AppState {
     pub cancel_grace: Duration,
     /// Orgs whose row is known to exist (created on first use).
     known_orgs: Mutex<HashSet<OrgId>>,
+    /// Org settings as last read, for creates: a create checks inside its
+    /// own transaction that they are still current (no extra round trip)
+    /// and reads them again when they are not, so a change made through
+    /// any replica applies to the next create.
+    settings: Mutex<HashMap<OrgId, VersionedSettings>>,
 }
+
+/// Orgs whose settings are kept; past this the cache starts over.
+const MAX_CACHED_SETTINGS: usize = 10_000;
 
 impl AppState {
     pub fn new(db: Db, bus: Bus, verifier: auth::Verifier, cancel_grace: Duration) -> Self {
@@ -28,6 +37,36 @@ impl AppState {
             verifier,
             cancel_grace,
             known_orgs: Mutex::new(HashSet::new()),
+            settings: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The org's settings as last read, if any.
+    pub fn cached_settings(&self, org: &OrgId) -> Option<VersionedSettings> {
+        self.settings.lock().ok()?.get(org).cloned()
+    }
+
+    /// Reads the org's settings and keeps them for the next create.
+    pub async fn read_settings(
+        &self,
+        conn: &mut db::PgConn,
+        org: &OrgId,
+    ) -> ApiResult<VersionedSettings> {
+        let read = db::orgs::versioned_settings(conn, org).await?;
+        if let Ok(mut cache) = self.settings.lock() {
+            if cache.len() >= MAX_CACHED_SETTINGS {
+                cache.clear();
+            }
+            cache.insert(org.clone(), read.clone());
+        }
+        Ok(read)
+    }
+
+    /// Drops this replica's copy after a change (others find out at their
+    /// next create).
+    pub fn forget_settings(&self, org: &OrgId) {
+        if let Ok(mut cache) = self.settings.lock() {
+            cache.remove(org);
         }
     }
 

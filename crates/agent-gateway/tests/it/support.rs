@@ -226,6 +226,7 @@ pub async fn submit_in_trace(
     let ctx = db::jobs::CreateContext {
         org: &org(),
         settings: &settings,
+        settings_version: db::orgs::SettingsVersion::Current,
         created_by: Some("tester"),
         request_id: None,
         trace,

@@ -108,6 +108,7 @@ pub fn context<'a>(org: &'a OrgId, settings: &'a OrgSettings) -> CreateContext<'
     CreateContext {
         org,
         settings,
+        settings_version: db::orgs::SettingsVersion::Current,
         created_by: Some("tester"),
         request_id: Some("req-1"),
         trace: None,

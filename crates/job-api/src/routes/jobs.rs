@@ -4,10 +4,13 @@
 use actix_web::{HttpRequest, HttpResponse, web};
 use bus::Channel;
 use chrono::Utc;
+use db::DbError;
 use db::jobs::{CreateContext, Idempotency, ListFilter};
 use db::leases::OperatorAction;
+use db::orgs::SettingsVersion;
 use domain::events::Event;
 use domain::job::JobStatus;
+use domain::org::OrgSettings;
 use domain::scheduling::{BlockReason, order, plan};
 use domain::validation::limits;
 use domain::{AgentId, JobId, OrgId, RepositoryId};
@@ -103,7 +106,55 @@ async fn create(
     batch: bool,
 ) -> ApiResult<(Vec<db::jobs::Job>, bool)> {
     let mut conn = state.db.conn().await?;
-    let settings = db::orgs::settings(&mut conn, &caller.org).await?;
+    // An idempotent create reads the settings. Otherwise they come from the
+    // cache, saving a round trip on every create; the insert checks them in
+    // its own pipeline, and when they changed it is made again with them
+    // read afresh.
+    if idem.is_none()
+        && let Some(cached) = state.cached_settings(&caller.org)
+    {
+        let version = SettingsVersion::Cached(cached.updated_at);
+        if let Some(done) = create_with(
+            state,
+            &mut conn,
+            caller,
+            requests.clone(),
+            None,
+            batch,
+            &cached.settings,
+            version,
+        )
+        .await?
+        {
+            return Ok(done);
+        }
+    }
+    let settings = state.read_settings(&mut conn, &caller.org).await?.settings;
+    create_with(
+        state,
+        &mut conn,
+        caller,
+        requests,
+        idem,
+        batch,
+        &settings,
+        SettingsVersion::Current,
+    )
+    .await?
+    .ok_or_else(|| ApiError::Internal("settings read for this create were stale".to_owned()))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn create_with(
+    state: &AppState,
+    conn: &mut db::PgConn,
+    caller: &OrgCaller,
+    requests: Vec<CreateJob>,
+    idem: Option<Idempotency<'_>>,
+    batch: bool,
+    settings: &OrgSettings,
+    settings_version: SettingsVersion,
+) -> ApiResult<Option<(Vec<db::jobs::Job>, bool)>> {
     let mut jobs = Vec::with_capacity(requests.len());
     let mut errors = Vec::new();
     for (i, request) in requests.into_iter().enumerate() {
@@ -112,7 +163,7 @@ async fn create(
         } else {
             String::new()
         };
-        match request.into_new_job(&settings, &prefix) {
+        match request.into_new_job(settings, &prefix) {
             Ok(job) => jobs.push(job),
             Err(domain::DomainError::Invalid(list)) => errors.extend(list),
             Err(other) => return Err(other.into()),
@@ -125,18 +176,22 @@ async fn create(
     let trace = telemetry::current_trace_context();
     let ctx = CreateContext {
         org: &caller.org,
-        settings: &settings,
+        settings,
+        settings_version,
         created_by: Some(&actor),
         request_id: caller.request_id(),
         trace: trace.as_ref(),
     };
     // Checks the repositories and records the audit event in the same
     // transaction as the jobs.
-    let created = db::jobs::create_jobs(&mut conn, &ctx, &jobs, idem).await?;
+    let created = match db::jobs::create_jobs(conn, &ctx, &jobs, idem).await {
+        Err(DbError::StaleSettings) => return Ok(None),
+        created => created?,
+    };
     if !created.replayed {
         announce_created(state, &caller.org, &created.jobs, caller.request_id()).await;
     }
-    Ok((created.jobs, created.replayed))
+    Ok(Some((created.jobs, created.replayed)))
 }
 
 /// After commit: wake the scheduler once (first: it is on the dispatch

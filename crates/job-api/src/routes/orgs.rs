@@ -159,6 +159,7 @@ pub async fn update_settings(
             .collect::<ApiResult<_>>()?;
     }
     db::orgs::update_settings(&mut conn, &caller.org, &settings).await?;
+    state.forget_settings(&caller.org);
     db::audit::record(
         &mut conn,
         db::audit::Record {

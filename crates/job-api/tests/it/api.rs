@@ -21,8 +21,18 @@ impl Api {
     pub async fn start() -> Self {
         let db = TestDb::new().await;
         let redis = TestRedis::new();
+        let service = Self::replica_on(&db, &redis);
+        Self {
+            service,
+            db,
+            redis,
+            client: Client::new(),
+        }
+    }
+
+    fn replica_on(db: &TestDb, redis: &TestRedis) -> RunningService {
         let config = job_api::Config {
-            common: common_config(job_api::SERVICE, &db, redis.url(), redis.prefix()),
+            common: common_config(job_api::SERVICE, db, redis.url(), redis.prefix()),
             addr: "127.0.0.1:0".parse().expect("addr"),
             auth: auth::AuthConfig {
                 hs256_secret: Some(SECRET.into()),
@@ -31,14 +41,12 @@ impl Api {
             cancel_grace: Duration::from_secs(30),
             cors_origins: vec!["http://127.0.0.1:8090".into()],
         };
-        let service =
-            spawn_service(move |listener, shutdown| job_api::run(config, listener, shutdown));
-        Self {
-            service,
-            db,
-            redis,
-            client: Client::new(),
-        }
+        spawn_service(move |listener, shutdown| job_api::run(config, listener, shutdown))
+    }
+
+    /// Another job-api process on the same database and Redis.
+    pub fn another_replica(&self) -> RunningService {
+        Self::replica_on(&self.db, &self.redis)
     }
 
     pub fn token(org: &str, role: Role) -> String {
@@ -1117,5 +1125,76 @@ async fn the_dashboards_origin_may_call_the_api_and_others_may_not() {
         !refused
             .headers()
             .contains_key("access-control-allow-origin")
+    );
+}
+
+/// A replica keeps the settings it read for its next creates; a change made
+/// through another replica applies to its very next create all the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_settings_change_on_one_replica_applies_to_the_next_create_on_another() {
+    let api = Api::start().await;
+    let other = api.another_replica();
+    let admin = Api::token("acme", Role::Admin);
+    let queue_of_new_job = || async {
+        let (status, job) = api
+            .call(
+                Method::POST,
+                "/v1/orgs/acme/jobs",
+                Some(&admin),
+                Some(json!({"command": "x"})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{job}");
+        job["queue"].as_str().expect("queue").to_owned()
+    };
+    assert_eq!(queue_of_new_job().await, "backlog");
+    assert_eq!(queue_of_new_job().await, "backlog", "from the cache");
+
+    let changed = api
+        .client
+        .patch(format!("{}/v1/orgs/acme/settings", other.url()))
+        .bearer_auth(&admin)
+        .json(&json!({"default_queue": "rework"}))
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(changed.status(), StatusCode::OK);
+    assert_eq!(
+        queue_of_new_job().await,
+        "rework",
+        "the change is seen at once"
+    );
+    assert_eq!(queue_of_new_job().await, "rework");
+
+    let changed = api
+        .client
+        .patch(format!("{}/v1/orgs/acme/settings", other.url()))
+        .bearer_auth(&admin)
+        .json(&json!({"approval_policy": "always"}))
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(changed.status(), StatusCode::OK);
+    let (_, job) = api
+        .call(
+            Method::POST,
+            "/v1/orgs/acme/jobs",
+            Some(&admin),
+            Some(json!({"command": "x"})),
+        )
+        .await;
+    assert_eq!(job["status"], "pending_approval");
+    let (_, list) = api
+        .call(
+            Method::GET,
+            "/v1/orgs/acme/jobs?limit=100",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(
+        list["items"].as_array().expect("items").len(),
+        5,
+        "a create retried with fresh settings is made once"
     );
 }

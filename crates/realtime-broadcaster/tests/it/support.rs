@@ -99,6 +99,7 @@ impl Writer {
         let ctx = db::jobs::CreateContext {
             org: &org,
             settings: &settings,
+            settings_version: db::orgs::SettingsVersion::Current,
             created_by: Some("tester"),
             request_id: None,
             trace: None,

@@ -83,6 +83,7 @@ pub async fn create_jobs(db: &TestDb, org: &OrgId, jobs: &[NewJob]) -> Vec<JobId
     let ctx = CreateContext {
         org,
         settings: &settings,
+        settings_version: db::orgs::SettingsVersion::Current,
         created_by: Some("test"),
         request_id: None,
         trace: None,

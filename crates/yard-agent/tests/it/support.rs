@@ -219,6 +219,7 @@ pub async fn submit(db: &TestDb, command: &str) -> JobId {
     let ctx = db::jobs::CreateContext {
         org: &org(),
         settings: &settings,
+        settings_version: db::orgs::SettingsVersion::Current,
         created_by: None,
         request_id: None,
         trace: None,
