@@ -73,6 +73,7 @@ impl GatewayError {
             }
             DbError::Conflict(what) => Self::Conflict(what),
             DbError::Unavailable(why) => Self::Unavailable(why),
+            stale @ DbError::StaleSettings => Self::Internal(stale.to_string()),
             DbError::Query(e) => Self::Internal(e.to_string()),
         }
     }
