@@ -10,6 +10,7 @@ use domain::job::QueueName;
 use domain::org::{ApprovalPolicy, OrgSettings};
 use domain::retry::RetryPolicy;
 
+use crate::cached::CacheStatement;
 use crate::schema::{jobs, org_settings, orgs};
 use crate::{DbResult, PgConn};
 
@@ -120,6 +121,7 @@ pub(crate) fn settings_unchanged<'a>(
     )
     .bind::<diesel::sql_types::Text, _>(org.as_str())
     .bind::<diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>, _>(updated_at)
+    .cached()
     .get_result::<Unchanged>(&mut conn);
     async move { Ok(statement.await?.unchanged) }
 }
