@@ -363,20 +363,10 @@ impl Gateway {
         Ok(row)
     }
 
-    /// The assignment for an offer, if the job is still leased to this
-    /// agent at that epoch (an offer may be outdated by the time it lands).
-    pub async fn assignment(
-        &self,
-        ctx: &AgentContext,
-        job: JobId,
-        epoch: u64,
-    ) -> GatewayResult<Option<AssignmentView>> {
-        Ok(self.assignments(ctx, &[(job, epoch)]).await?.pop())
-    }
-
-    /// [`assignment`](Self::assignment) for several offers, read in one
-    /// statement; outdated offers are left out.
-    pub async fn assignments(
+    /// The assignments for offers read in one statement: those whose job is
+    /// still leased to this agent at the offered epoch (an offer may be
+    /// outdated by the time it lands).
+    async fn assignments(
         &self,
         ctx: &AgentContext,
         offers: &[(JobId, u64)],

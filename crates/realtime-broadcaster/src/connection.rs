@@ -193,7 +193,7 @@ pub async fn upgrade(
             .detail(format!("WebSocket connections go to {PATH}"));
         return refuse(connection, problem.response().into()).await;
     }
-    let handshake = match actix_http::ws::handshake(request.head()) {
+    let mut handshake = match actix_http::ws::handshake(request.head()) {
         Ok(handshake) => handshake,
         Err(error) => {
             let status = actix_http::Response::from(&error).status();
@@ -217,7 +217,6 @@ pub async fn upgrade(
             Err(error) => Err((close::UNAUTHORIZED, error.to_string())),
         },
     };
-    let mut handshake = handshake;
     // Browsers fail the handshake if they offer protocols and none is chosen.
     if offered_protocols(headers).any(|p| p == SUBPROTOCOL) {
         handshake.insert_header((header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL));
@@ -276,8 +275,9 @@ pub async fn upgrade(
 /// the close frame. A slow consumer usually catches up and reads them.
 const CLOSE_WITHIN: Duration = Duration::from_secs(60);
 
-/// Sends what is still queued and the close frame, then waits a little for
-/// the client's close so that it is not cut off by a reset.
+/// Sends what is still queued and the close frame, then reads until the
+/// client's close, so that unread input does not reset the connection
+/// before the client has read ours (all within [`CLOSE_WITHIN`]).
 async fn close_socket(mut socket: Socket, code: u16, reason: &str, queued: Vec<Frame>) {
     let frame = CloseFrame {
         code: CloseCode::from(code),
