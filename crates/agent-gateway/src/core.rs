@@ -16,9 +16,10 @@ use db::leases::{Ending, Extended};
 use db::logs::IncomingLine;
 use db::{Db, DbError, PooledConn};
 use domain::agent::{AgentProfile, AgentStatus};
-use domain::events::{Envelope, Event, LogStream, OfferedJob, TraceContext};
+use domain::events::{Envelope, Event, LogStream, Offer, OfferedJob, TraceContext};
 use domain::job::{JobStatus, Labels, Payload};
 use domain::{AgentId, JobId, OrgId};
+use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::config::AgentSettings;
@@ -85,12 +86,10 @@ impl AssignmentView {
             trace: job.trace(),
         }
     }
-}
 
-impl AssignmentView {
     /// The assignment as its offer carried it.
-    fn from_offer(org: &OrgId, offer: &IncomingOffer, job: &OfferedJob) -> Self {
-        let payload: Payload = serde_json::from_value(job.payload.clone()).unwrap_or_default();
+    fn from_offer(org: &OrgId, offer: &Offer, job: &OfferedJob) -> Self {
+        let payload = Payload::deserialize(&job.payload).unwrap_or_default();
         Self {
             job_id: offer.job_id,
             epoch: offer.epoch,
@@ -108,16 +107,6 @@ impl AssignmentView {
             trace: None,
         }
     }
-}
-
-/// A lease offered to this agent, as the scheduler's message had it.
-#[derive(Clone, Debug)]
-pub struct IncomingOffer {
-    pub job_id: JobId,
-    pub epoch: u64,
-    pub attempt: u32,
-    pub lease_expires_at: DateTime<Utc>,
-    pub job: Option<OfferedJob>,
 }
 
 /// How an attempt ended, as the agent reports it.
@@ -397,7 +386,7 @@ impl Gateway {
     pub async fn offered_assignments(
         &self,
         ctx: &AgentContext,
-        offers: &[IncomingOffer],
+        offers: &[Offer],
     ) -> GatewayResult<Vec<AssignmentView>> {
         let now = Utc::now();
         let mut views = Vec::with_capacity(offers.len());

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use domain::agent::AgentProfile;
-use domain::events::{Envelope, Event, LogStream};
+use domain::events::{Envelope, Event, LogStream, Offer};
 use domain::job::{JobStatus, Labels};
 use domain::{AgentId, JobId};
 use futures_util::{FutureExt, Stream, StreamExt};
@@ -25,7 +25,7 @@ use yard_proto::v1::agent_message::Msg as AgentMsg;
 use yard_proto::v1::server_message::Msg as ServerMsg;
 
 use crate::config::GrpcSettings;
-use crate::core::{AgentContext, AssignmentView, Finish, Gateway, IncomingOffer, LogAppend};
+use crate::core::{AgentContext, AssignmentView, Finish, Gateway, LogAppend};
 use crate::error::GatewayError;
 use crate::metrics::ConnectedAgent;
 use bus::Channel;
@@ -961,15 +961,11 @@ impl Session {
     /// Delivers the offered assignments still current (those whose offer
     /// does not carry the job are read in one statement), each in an
     /// `assignment` span continuing the trace its offer carried.
-    async fn deliver_offers(
-        &mut self,
-        offers: Vec<(IncomingOffer, Option<TraceContext>)>,
-    ) -> Result<(), End> {
+    async fn deliver_offers(&mut self, offers: Vec<Offer>) -> Result<(), End> {
         if offers.is_empty() {
             return Ok(());
         }
-        let incoming: Vec<IncomingOffer> = offers.iter().map(|(offer, _)| offer.clone()).collect();
-        let views = match self.gateway.offered_assignments(&self.ctx, &incoming).await {
+        let views = match self.gateway.offered_assignments(&self.ctx, &offers).await {
             Ok(views) => views,
             Err(e) => {
                 // The leases lapse and are requeued if we cannot deliver.
@@ -979,7 +975,7 @@ impl Session {
         };
         let mut traces: HashMap<(JobId, u64), Option<TraceContext>> = offers
             .into_iter()
-            .map(|(offer, trace)| ((offer.job_id, offer.epoch), trace))
+            .map(|offer| ((offer.job_id, offer.epoch), offer.trace))
             .collect();
         for view in views {
             let offered = traces.remove(&(view.job_id, view.epoch)).flatten();
@@ -1041,7 +1037,7 @@ fn offers_for(
     me: AgentId,
     event: &Event,
     envelope_trace: Option<&TraceContext>,
-) -> Option<Vec<(IncomingOffer, Option<TraceContext>)>> {
+) -> Option<Vec<Offer>> {
     match event {
         Event::AssignmentOffered {
             agent_id,
@@ -1050,33 +1046,15 @@ fn offers_for(
             attempt,
             lease_expires_at,
             job,
-        } if *agent_id == me => Some(vec![(
-            IncomingOffer {
-                job_id: *job_id,
-                epoch: *epoch,
-                attempt: *attempt,
-                lease_expires_at: *lease_expires_at,
-                job: job.clone(),
-            },
-            envelope_trace.cloned(),
-        )]),
-        Event::AssignmentsOffered { agent_id, offers } if *agent_id == me => Some(
-            offers
-                .iter()
-                .map(|o| {
-                    (
-                        IncomingOffer {
-                            job_id: o.job_id,
-                            epoch: o.epoch,
-                            attempt: o.attempt,
-                            lease_expires_at: o.lease_expires_at,
-                            job: o.job.clone(),
-                        },
-                        o.trace.clone(),
-                    )
-                })
-                .collect(),
-        ),
+        } if *agent_id == me => Some(vec![Offer {
+            job_id: *job_id,
+            epoch: *epoch,
+            attempt: *attempt,
+            lease_expires_at: *lease_expires_at,
+            trace: envelope_trace.cloned(),
+            job: job.clone(),
+        }]),
+        Event::AssignmentsOffered { agent_id, offers } if *agent_id == me => Some(offers.clone()),
         _ => None,
     }
 }

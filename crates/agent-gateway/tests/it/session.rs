@@ -881,27 +881,67 @@ async fn an_ack_sent_with_its_result_is_recorded_by_the_result() {
     }
 }
 
+/// A connected agent and `jobs` jobs leased to it (`echo stored <n>`),
+/// offered to nobody yet: the offer tests publish their own offers.
+struct OfferFixture {
+    bus: bus::Bus,
+    agent: Registered,
+    session: RawSession,
+    leases: Vec<(JobId, db::leases::Lease)>,
+    // Kept for the test's lifetime (bind them, or they drop at once).
+    _gateway: TestGateway,
+    _redis: TestRedis,
+    _db: TestDb,
+}
+
+impl OfferFixture {
+    async fn start(jobs: usize) -> Self {
+        let db = TestDb::new().await;
+        let redis = TestRedis::new();
+        let bus = bus(redis.url(), redis.prefix());
+        let gateway = start(&db, redis.url(), redis.prefix());
+        let token = registration_token(&db).await;
+        let agent = register(&gateway, &token, "runner-1").await;
+        let session = RawSession::open(&gateway.grpc_url(), &agent.secret, vec![]).await;
+        wait_online(&db, agent.id).await;
+        let mut conn = db.conn().await;
+        let mut leases = Vec::new();
+        for n in 0..jobs {
+            let job = submit(&db, &format!("echo stored {n}")).await;
+            let lease = db::leases::lease_job(&mut conn, job, agent.id, ACK_TIMEOUT)
+                .await
+                .expect("lease");
+            leases.push((job, lease));
+        }
+        drop(conn);
+        Self {
+            bus,
+            agent,
+            session,
+            leases,
+            _gateway: gateway,
+            _redis: redis,
+            _db: db,
+        }
+    }
+}
+
 /// One message can offer an agent several leases (the scheduler sends one
 /// per agent per dispatch): each current one is delivered once, in the
 /// trace its own offer carries; a repeat and an outdated epoch are not.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batched_offer_delivers_each_current_assignment_once_in_its_own_trace() {
-    let db = TestDb::new().await;
-    let redis = TestRedis::new();
-    let bus = bus(redis.url(), redis.prefix());
-    let gateway = start(&db, redis.url(), redis.prefix());
-    let token = registration_token(&db).await;
-    let agent = register(&gateway, &token, "runner-1").await;
-    let mut session = RawSession::open(&gateway.grpc_url(), &agent.secret, vec![]).await;
-    wait_online(&db, agent.id).await;
-
-    let mut conn = db.conn().await;
+    let OfferFixture {
+        bus,
+        agent,
+        mut session,
+        leases,
+        _gateway,
+        _redis,
+        _db,
+    } = OfferFixture::start(3).await;
     let mut offers = Vec::new();
-    for n in 0..3u8 {
-        let job = submit(&db, &format!("echo {n}")).await;
-        let lease = db::leases::lease_job(&mut conn, job, agent.id, ACK_TIMEOUT)
-            .await
-            .expect("lease");
+    for (n, (job, lease)) in (0u8..).zip(leases) {
         offers.push(domain::events::Offer {
             job_id: job,
             epoch: lease.epoch as u64,
@@ -914,7 +954,6 @@ async fn a_batched_offer_delivers_each_current_assignment_once_in_its_own_trace(
             job: None,
         });
     }
-    drop(conn);
     let mut sent = offers.clone();
     sent.push(offers[0].clone());
     sent.push(domain::events::Offer {
@@ -965,25 +1004,15 @@ struct Count {
 /// in one statement): each current one once, an outdated one not at all.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_burst_of_offers_delivers_each_current_one_once() {
-    let db = TestDb::new().await;
-    let redis = TestRedis::new();
-    let bus = bus(redis.url(), redis.prefix());
-    let gateway = start(&db, redis.url(), redis.prefix());
-    let token = registration_token(&db).await;
-    let agent = register(&gateway, &token, "runner-1").await;
-    let mut session = RawSession::open(&gateway.grpc_url(), &agent.secret, vec![]).await;
-    wait_online(&db, agent.id).await;
-
-    let mut offers = Vec::new();
-    let mut conn = db.conn().await;
-    for n in 0..5 {
-        let job = submit(&db, &format!("echo {n}")).await;
-        let lease = db::leases::lease_job(&mut conn, job, agent.id, ACK_TIMEOUT)
-            .await
-            .expect("lease");
-        offers.push((job, lease));
-    }
-    drop(conn);
+    let OfferFixture {
+        bus,
+        agent,
+        mut session,
+        leases: offers,
+        _gateway,
+        _redis,
+        _db,
+    } = OfferFixture::start(5).await;
     let outdated = offers[0].0;
     // Every offer, the first one twice, then one for an epoch never leased.
     for (job, lease) in offers.iter().chain([&offers[0]]) {
@@ -1038,25 +1067,15 @@ async fn a_burst_of_offers_delivers_each_current_one_once() {
 /// PostgreSQL instead (and an epoch never leased is not delivered).
 #[tokio::test(flavor = "multi_thread")]
 async fn an_offer_carrying_its_job_is_delivered_as_carried_while_its_lease_lasts() {
-    let db = TestDb::new().await;
-    let redis = TestRedis::new();
-    let bus = bus(redis.url(), redis.prefix());
-    let gateway = start(&db, redis.url(), redis.prefix());
-    let token = registration_token(&db).await;
-    let agent = register(&gateway, &token, "runner-1").await;
-    let mut session = RawSession::open(&gateway.grpc_url(), &agent.secret, vec![]).await;
-    wait_online(&db, agent.id).await;
-
-    let mut conn = db.conn().await;
-    let mut leases = Vec::new();
-    for n in 0..2 {
-        let job = submit(&db, &format!("echo stored {n}")).await;
-        let lease = db::leases::lease_job(&mut conn, job, agent.id, ACK_TIMEOUT)
-            .await
-            .expect("lease");
-        leases.push((job, lease));
-    }
-    drop(conn);
+    let OfferFixture {
+        bus,
+        agent,
+        mut session,
+        leases,
+        _gateway,
+        _redis,
+        _db,
+    } = OfferFixture::start(2).await;
     let carried = |command: &str| domain::events::OfferedJob {
         queue: "default".to_owned(),
         payload: serde_json::json!({ "command": command }),

@@ -177,3 +177,38 @@ async fn orgs_with_work_are_those_with_a_due_job_and_an_online_agent() {
         "not {idle:?} (no jobs), {unattended:?} (no agent online), {later:?} (not due)"
     );
 }
+
+/// A lease returns the job for its offer only when payload and metadata are
+/// small; a big job's offer goes without it (the gateway reads it).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lease_returns_small_jobs_for_their_offer_and_not_big_ones() {
+    let test_db = TestDb::new().await;
+    let mut conn = test_db.conn().await;
+    let org = acme(&mut conn).await;
+    let mut big = job("big");
+    big.metadata = serde_json::json!({
+        "notes": "x".repeat(domain::events::OfferedJob::MAX_CARRIED_BYTES * 2)
+    });
+    let small = job("echo small");
+    let jobs = create(&mut conn, &org, &[big, small]).await;
+    support::exec(
+        &mut conn,
+        "INSERT INTO agents (id, org_id, name, capacity, status) \
+         VALUES (gen_random_uuid(), 'acme', 'wide', 10, 'online')",
+    )
+    .await;
+    let round = dispatch_org(&mut conn, &org, &DispatchSettings::default())
+        .await
+        .expect("dispatch");
+    assert_eq!(round.granted.len(), 2);
+    for lease in &round.granted {
+        let offered = lease.offered_job();
+        if lease.job_id == jobs[0].id {
+            assert!(offered.is_none(), "the big job is not carried");
+        } else {
+            let offered = offered.expect("the small job is carried");
+            assert_eq!(offered.payload["command"], "echo small");
+            assert_eq!(offered.queue, "backlog");
+        }
+    }
+}

@@ -1150,15 +1150,18 @@ async fn a_settings_change_on_one_replica_applies_to_the_next_create_on_another(
     assert_eq!(queue_of_new_job().await, "backlog");
     assert_eq!(queue_of_new_job().await, "backlog", "from the cache");
 
-    let changed = api
-        .client
-        .patch(format!("{}/v1/orgs/acme/settings", other.url()))
-        .bearer_auth(&admin)
-        .json(&json!({"default_queue": "rework"}))
-        .send()
-        .await
-        .expect("patch");
-    assert_eq!(changed.status(), StatusCode::OK);
+    let change_on_other = |patch: Value| {
+        let request = api
+            .client
+            .patch(format!("{}/v1/orgs/acme/settings", other.url()))
+            .bearer_auth(&admin)
+            .json(&patch);
+        async move {
+            let changed = request.send().await.expect("patch");
+            assert_eq!(changed.status(), StatusCode::OK);
+        }
+    };
+    change_on_other(json!({"default_queue": "rework"})).await;
     assert_eq!(
         queue_of_new_job().await,
         "rework",
@@ -1166,15 +1169,7 @@ async fn a_settings_change_on_one_replica_applies_to_the_next_create_on_another(
     );
     assert_eq!(queue_of_new_job().await, "rework");
 
-    let changed = api
-        .client
-        .patch(format!("{}/v1/orgs/acme/settings", other.url()))
-        .bearer_auth(&admin)
-        .json(&json!({"approval_policy": "always"}))
-        .send()
-        .await
-        .expect("patch");
-    assert_eq!(changed.status(), StatusCode::OK);
+    change_on_other(json!({"approval_policy": "always"})).await;
     let (_, job) = api
         .call(
             Method::POST,
