@@ -105,6 +105,11 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 say "migrating"
 "$bin/job-api" migrate
+# BENCH_SQL runs once on the fresh database after the migrations, to try a schema change
+# (an index, a storage parameter) without a rebuild, e.g. BENCH_SQL="ALTER TABLE jobs SET (fillfactor = 80)".
+if [[ -n ${BENCH_SQL:-} ]]; then
+  PGPASSWORD=$PG_PASSWORD psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -Atq -c "$BENCH_SQL"
+fi
 
 pids=()
 declare -A pid_of=()

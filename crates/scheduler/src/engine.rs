@@ -36,6 +36,8 @@ pub struct Engine {
     settings: Settings,
     dispatch: DispatchSettings,
     metrics: Metrics,
+    /// When the queue-depth gauge was last recounted.
+    depth_counted_at: Arc<Mutex<Option<Instant>>>,
 }
 
 /// What a tick did, for tests and logs.
@@ -62,6 +64,7 @@ impl Engine {
             settings,
             dispatch,
             metrics: Metrics::new(registry),
+            depth_counted_at: Arc::default(),
         }
     }
 
@@ -437,14 +440,30 @@ impl Engine {
         }
 
         db::sweeps::purge_idempotency_keys(&mut conn, IDEMPOTENCY_KEY_HOURS).await?;
-        self.metrics.queue_depth.reset();
-        for depth in db::sweeps::queue_depths(&mut conn).await? {
-            self.metrics
-                .queue_depth
-                .with_label_values(&[depth.org_id.as_str(), depth.queue.as_str()])
-                .set(depth.depth);
+        if self.depth_count_due() {
+            let depths = db::sweeps::queue_depths(&mut conn).await?;
+            self.metrics.queue_depth.reset();
+            for depth in depths {
+                self.metrics
+                    .queue_depth
+                    .with_label_values(&[depth.org_id.as_str(), depth.queue.as_str()])
+                    .set(depth.depth);
+            }
         }
         Ok(())
+    }
+
+    /// Whether this sweep recounts the queue-depth gauge (and if so, notes
+    /// that it does).
+    fn depth_count_due(&self) -> bool {
+        let mut counted_at = self.depth_counted_at.lock().expect("depth clock");
+        let now = Instant::now();
+        let due = counted_at
+            .is_none_or(|at| now.duration_since(at) >= self.settings.queue_depth_interval);
+        if due {
+            *counted_at = Some(now);
+        }
+        due
     }
 }
 

@@ -35,6 +35,7 @@ pub const SERVICE: &str = "scheduler";
 /// | `CANCEL_GRACE_MS` | `30000` | time a cancelled job has to stop before the cancel is forced |
 /// | `SCHEDULER_AGING_INTERVAL_SECS` | `60` | one priority point per interval waited; 0 disables aging |
 /// | `SCHEDULER_MAX_LEASES_PER_TICK` | `1000` | leases granted per org per tick |
+/// | `SCHEDULER_QUEUE_DEPTH_INTERVAL_MS` | `15000` | how often a sweep recounts the queue-depth gauge |
 #[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
     pub sweep_interval: Duration,
@@ -42,6 +43,10 @@ pub struct Settings {
     pub cancel_grace: Duration,
     pub aging: Option<Duration>,
     pub max_leases_per_tick: usize,
+    /// Counting every queued job costs 60 ms at a 100,000-job backlog: the
+    /// gauge is refreshed on the first sweep after this much time, not on
+    /// every sweep (a scrape interval is typically 15 s).
+    pub queue_depth_interval: Duration,
 }
 
 impl Default for Settings {
@@ -52,6 +57,7 @@ impl Default for Settings {
             cancel_grace: Duration::from_millis(30_000),
             aging: Some(Duration::from_secs(60)),
             max_leases_per_tick: 1_000,
+            queue_depth_interval: Duration::from_millis(15_000),
         }
     }
 }
@@ -84,6 +90,11 @@ impl Settings {
                 "SCHEDULER_MAX_LEASES_PER_TICK",
                 parsed(source, "SCHEDULER_MAX_LEASES_PER_TICK", 1_000u64)?,
             )? as usize,
+            queue_depth_interval: Duration::from_millis(parsed(
+                source,
+                "SCHEDULER_QUEUE_DEPTH_INTERVAL_MS",
+                15_000u64,
+            )?),
         })
     }
 }

@@ -854,3 +854,47 @@ async fn approving_a_scheduled_job_keeps_its_run_at() {
     let early = db::leases::lease_job(&mut conn, id, AgentId::new(), ACK).await;
     assert!(early.is_err(), "a job scheduled in an hour was leased now");
 }
+
+#[tokio::test]
+async fn the_next_run_at_names_delayed_jobs_and_backoffs_not_jobs_due_now() {
+    let test_db = TestDb::new().await;
+    let mut conn = test_db.conn().await;
+    let org = acme(&mut conn).await;
+    create_one(&mut conn, &org, job("due now")).await;
+    assert_eq!(
+        db::sweeps::next_run_at(&mut conn).await.expect("next"),
+        None
+    );
+
+    let mut later = job("in an hour");
+    let in_an_hour = Utc::now() + support::secs(3600);
+    later.run_at = Some(in_an_hour);
+    create_one(&mut conn, &org, later).await;
+    let next = db::sweeps::next_run_at(&mut conn).await.expect("next");
+    support::assert_between(next.expect("a delayed job"), in_an_hour, in_an_hour);
+
+    // A released job waits out its delay: sooner than the delayed job.
+    let id = create_one(&mut conn, &org, job("given back"))
+        .await
+        .job_id();
+    let lease = lease_and_start(&mut conn, id, AgentId::new()).await;
+    let before = Utc::now();
+    let delay = Duration::from_secs(60);
+    db::leases::end_attempt(
+        &mut conn,
+        id,
+        Some(lease.epoch as u64),
+        Ending::Released { delay },
+    )
+    .await
+    .expect("release");
+    let next = db::sweeps::next_run_at(&mut conn)
+        .await
+        .expect("next")
+        .expect("the backoff");
+    support::assert_between(
+        next,
+        before + support::secs(60),
+        Utc::now() + support::secs(60),
+    );
+}

@@ -35,6 +35,7 @@ pub fn fast_settings() -> scheduler::Settings {
         cancel_grace: Duration::from_secs(2),
         aging: Some(Duration::from_secs(60)),
         max_leases_per_tick: 1_000,
+        queue_depth_interval: Duration::ZERO,
     }
 }
 
