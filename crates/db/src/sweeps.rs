@@ -12,7 +12,6 @@ use diesel_async::RunQueryDsl;
 use domain::{AgentId, JobId};
 use uuid::Uuid;
 
-use crate::cached::CacheStatement;
 use crate::{DbResult, PgConn};
 
 /// A job found by a sweep, with the epoch it had when found.
