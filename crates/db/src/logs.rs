@@ -6,7 +6,7 @@
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Text, Timestamptz, Uuid as SqlUuid};
-use diesel_async::{AsyncConnection, RunQueryDsl};
+use diesel_async::RunQueryDsl;
 use domain::events::{LogLine, LogStream};
 use domain::{DomainError, JobId};
 
@@ -52,17 +52,48 @@ pub async fn append(
     start_offset: u64,
     lines: &[IncomingLine],
 ) -> DbResult<Result<Appended, OffsetGap>> {
-    conn.transaction(async |conn| {
+    // Three round trips: BEGIN and the three reads in one pipeline, the
+    // insert and the head's update in another, then COMMIT (a chunk took
+    // seven, one after another, and a job's chunks are stored in turn).
+    // Statements in a pipeline run in the order sent.
+    conn.pipelined_transaction(async {
+        let shared = conn.pipeline();
+        let (mut for_job, mut for_insert, mut for_head) = (shared, shared, shared);
         // FOR SHARE: a concurrent re-lease (epoch bump) waits for this
-        // append to commit, so no stale line lands after the new lease.
-        let current: Option<(i64, String)> = jobs::table
+        // append to commit, so no stale line lands after the new lease; and
+        // the job cannot be deleted under its lines (job_logs has no
+        // foreign key: this read is its check).
+        let current = jobs::table
             .find(job.as_uuid())
             .select((jobs::lease_epoch, jobs::status))
             .for_share()
-            .first(conn)
-            .await
-            .optional()?;
-        let Some((current_epoch, status)) = current else {
+            .first::<(i64, String)>(&mut for_job);
+        // The head is made by a job's first append, only for a job that exists.
+        let create_head = diesel::sql_query(
+            "INSERT INTO job_log_heads (job_id, epoch) \
+             SELECT id, $2 FROM jobs WHERE id = $1 ON CONFLICT DO NOTHING",
+        )
+        .bind::<SqlUuid, _>(job.as_uuid())
+        .bind::<BigInt, _>(epoch as i64)
+        .cached()
+        .execute(&mut for_insert);
+        let head = job_log_heads::table
+            .find(job.as_uuid())
+            .select((
+                job_log_heads::next_seq,
+                job_log_heads::epoch,
+                job_log_heads::committed_offset,
+            ))
+            .for_update()
+            .first::<(i64, i64, i64)>(&mut for_head);
+        let (current, _, head) = futures_util::try_join!(
+            async { current.await.optional() },
+            create_head,
+            async { head.await.optional() },
+        )?;
+        let (Some((current_epoch, status)), Some((next_seq, head_epoch, committed))) =
+            (current, head)
+        else {
             return Err(DbError::NotFound);
         };
         if current_epoch as u64 != epoch {
@@ -80,24 +111,6 @@ pub async fn append(
             }
             .into());
         }
-        diesel::insert_into(job_log_heads::table)
-            .values((
-                job_log_heads::job_id.eq(job.as_uuid()),
-                job_log_heads::epoch.eq(epoch as i64),
-            ))
-            .on_conflict_do_nothing()
-            .execute(conn)
-            .await?;
-        let (next_seq, head_epoch, committed): (i64, i64, i64) = job_log_heads::table
-            .find(job.as_uuid())
-            .select((
-                job_log_heads::next_seq,
-                job_log_heads::epoch,
-                job_log_heads::committed_offset,
-            ))
-            .for_update()
-            .first(conn)
-            .await?;
         // Byte offsets count within one attempt; a new epoch starts at 0.
         let committed = if head_epoch == epoch as i64 {
             committed as u64
@@ -134,7 +147,11 @@ pub async fn append(
                 line: l.line.clone(),
             })
             .collect();
-        if !stored.is_empty() {
+        let (mut for_lines, mut for_update) = (shared, shared);
+        let insert_lines = async {
+            if stored.is_empty() {
+                return Ok(0);
+            }
             diesel::sql_query(
                 "INSERT INTO job_logs (job_id, seq, epoch, stream, at, line) \
                  SELECT $1, s.seq, $2, s.stream, s.at, s.line \
@@ -148,17 +165,17 @@ pub async fn append(
             .bind::<Array<Timestamptz>, _>(stored.iter().map(|l| l.at).collect::<Vec<_>>())
             .bind::<Array<Text>, _>(stored.iter().map(|l| l.line.as_str()).collect::<Vec<_>>())
             .cached()
-            .execute(conn)
-            .await?;
-        }
-        diesel::update(job_log_heads::table.find(job.as_uuid()))
+            .execute(&mut for_lines)
+            .await
+        };
+        let update_head = diesel::update(job_log_heads::table.find(job.as_uuid()))
             .set((
                 job_log_heads::next_seq.eq(next_seq + stored.len() as i64),
                 job_log_heads::epoch.eq(epoch as i64),
                 job_log_heads::committed_offset.eq(new_committed as i64),
             ))
-            .execute(conn)
-            .await?;
+            .execute(&mut for_update);
+        futures_util::try_join!(insert_lines, update_head)?;
         Ok(Ok(Appended {
             lines: stored,
             committed_offset: new_committed,

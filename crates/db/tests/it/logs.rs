@@ -454,3 +454,26 @@ async fn a_resend_whose_line_straddles_the_committed_offset_is_refused_not_half_
         "nothing half-stored"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deleting_an_org_deletes_its_jobs_log_lines_and_no_one_elses() {
+    let test_db = TestDb::new().await;
+    let mut conn = test_db.conn().await;
+    let (gone, gone_epoch) = running_job(&mut conn).await;
+    let other_org = support::org(&mut conn, "globex").await;
+    let kept = create_one(&mut conn, &other_org, job("build"))
+        .await
+        .job_id();
+    let kept_epoch = lease_and_start(&mut conn, kept, AgentId::new()).await.epoch as u64;
+    for (id, epoch) in [(gone, gone_epoch), (kept, kept_epoch)] {
+        db::logs::append(&mut conn, id, epoch, 0, &chunk(0, &["one", "two"]))
+            .await
+            .expect("append")
+            .expect("no gap");
+    }
+
+    support::exec(&mut conn, "DELETE FROM orgs WHERE id = 'acme'").await;
+
+    assert_eq!(stored_lines(&mut conn, gone).await, []);
+    assert_eq!(stored_lines(&mut conn, kept).await.len(), 2);
+}
