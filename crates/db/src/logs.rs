@@ -86,11 +86,10 @@ pub async fn append(
             ))
             .for_update()
             .first::<(i64, i64, i64)>(&mut for_head);
-        let (current, _, head) = futures_util::try_join!(
-            async { current.await.optional() },
-            create_head,
-            async { head.await.optional() },
-        )?;
+        let (current, _, head) =
+            futures_util::try_join!(async { current.await.optional() }, create_head, async {
+                head.await.optional()
+            },)?;
         let (Some((current_epoch, status)), Some((next_seq, head_epoch, committed))) =
             (current, head)
         else {

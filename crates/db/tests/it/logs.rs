@@ -456,7 +456,7 @@ async fn a_resend_whose_line_straddles_the_committed_offset_is_refused_not_half_
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn deleting_an_org_deletes_its_jobs_log_lines_and_no_one_elses() {
+async fn deleting_an_org_deletes_its_jobs_lines_and_attempts_and_no_one_elses() {
     let test_db = TestDb::new().await;
     let mut conn = test_db.conn().await;
     let (gone, gone_epoch) = running_job(&mut conn).await;
@@ -470,10 +470,15 @@ async fn deleting_an_org_deletes_its_jobs_log_lines_and_no_one_elses() {
             .await
             .expect("append")
             .expect("no gap");
+        db::leases::succeed(&mut conn, id, epoch, Some(0))
+            .await
+            .expect("succeed");
     }
 
     support::exec(&mut conn, "DELETE FROM orgs WHERE id = 'acme'").await;
 
     assert_eq!(stored_lines(&mut conn, gone).await, []);
     assert_eq!(stored_lines(&mut conn, kept).await.len(), 2);
+    assert_eq!(support::attempts_of(&mut conn, gone).await.len(), 0);
+    assert_eq!(support::attempts_of(&mut conn, kept).await.len(), 1);
 }
