@@ -31,6 +31,13 @@ impl From<DieselError> for DbError {
             DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, info) => {
                 DbError::Conflict(info.constraint_name().unwrap_or("unique").to_owned())
             }
+            // A repository deleted between a create's ownership check and
+            // its insert: the same answer the check gives.
+            DieselError::DatabaseError(DatabaseErrorKind::ForeignKeyViolation, info)
+                if info.constraint_name() == Some("jobs_repository_id_fkey") =>
+            {
+                DbError::Domain(crate::jobs::unknown_repository())
+            }
             DieselError::DatabaseError(DatabaseErrorKind::ClosedConnection, info) => {
                 DbError::Unavailable(info.message().to_owned())
             }

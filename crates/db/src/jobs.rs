@@ -307,13 +307,14 @@ async fn check_repositories(
         .get_result(conn)
         .await?;
     if owned != repositories.len() as i64 {
-        return Err(DomainError::invalid(
-            "repository_id",
-            "no such repository in this organization",
-        )
-        .into());
+        return Err(unknown_repository().into());
     }
     Ok(())
+}
+
+/// A job names a repository its org does not have.
+pub(crate) fn unknown_repository() -> DomainError {
+    DomainError::invalid("repository_id", "no such repository in this organization")
 }
 
 /// Inserts the rows and their `job.created` audit event, all in one

@@ -197,3 +197,27 @@ async fn deleting_a_repository_detaches_its_jobs() {
         "the job survives without its repository"
     );
 }
+
+/// The insert's foreign key catches a repository deleted after a create
+/// checked it: the same invalid-field answer as the check, not a 500.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_naming_a_repository_deleted_meanwhile_is_invalid_input() {
+    let test_db = TestDb::new().await;
+    let mut conn = test_db.conn().await;
+    acme(&mut conn).await;
+    let inserted = diesel_async::RunQueryDsl::execute(
+        diesel::sql_query(
+            "INSERT INTO jobs (id, org_id, repository_id, queue, status, payload, retry_policy) \
+             VALUES (gen_random_uuid(), 'acme', gen_random_uuid(), 'default', 'queued', '{}', '{}')",
+        ),
+        &mut conn,
+    )
+    .await
+    .map_err(DbError::from);
+    match inserted {
+        Err(DbError::Domain(DomainError::Invalid(fields))) => {
+            assert_eq!(fields[0].field, "repository_id");
+        }
+        other => panic!("expected an invalid repository_id, got {other:?}"),
+    }
+}
