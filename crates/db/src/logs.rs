@@ -52,9 +52,9 @@ pub async fn append(
     start_offset: u64,
     lines: &[IncomingLine],
 ) -> DbResult<Result<Appended, OffsetGap>> {
-    // Three round trips: BEGIN and the three reads in one pipeline, the
-    // insert and the head's update in another, then COMMIT (a chunk took
-    // seven, one after another, and a job's chunks are stored in turn).
+    // Three round trips: BEGIN, the job's read and the head's creation and
+    // read in one pipeline, the lines and the head's update in another, then
+    // COMMIT (a chunk took seven, and a job's chunks are stored in turn).
     // Statements in a pipeline run in the order sent.
     conn.pipelined_transaction(async {
         let shared = conn.pipeline();
