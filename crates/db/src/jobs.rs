@@ -266,14 +266,13 @@ pub async fn create_jobs(
             if hash != idem.request_hash {
                 return Err(DbError::Conflict("idempotency_key_reused".into()));
             }
-            let mut found = jobs::table
+            let found = jobs::table
                 .filter(jobs::id.eq_any(&job_ids))
                 .select(Job::as_select())
                 .load(conn)
                 .await?;
-            found.sort_by_key(|j| job_ids.iter().position(|id| *id == j.id));
             return Ok(Created {
-                jobs: found,
+                jobs: in_order_of(found, job_ids.iter().copied()),
                 replayed: true,
             });
         }
@@ -385,11 +384,16 @@ fn insert_with_audit<'a>(
         if !unchanged {
             return Err(DbError::StaleSettings);
         }
-        let order: HashMap<Uuid, usize> = rows.iter().enumerate().map(|(i, r)| (r.id, i)).collect();
-        let mut created: Vec<Job> = chunks.into_iter().flatten().collect();
-        created.sort_by_key(|j| order.get(&j.id).copied());
-        Ok(created)
+        let created: Vec<Job> = chunks.into_iter().flatten().collect();
+        Ok(in_order_of(created, rows.iter().map(|r| r.id)))
     }
+}
+
+/// `jobs` in the order of `ids` (a request's order).
+fn in_order_of(mut jobs: Vec<Job>, ids: impl Iterator<Item = Uuid>) -> Vec<Job> {
+    let order: HashMap<Uuid, usize> = ids.enumerate().map(|(i, id)| (id, i)).collect();
+    jobs.sort_by_key(|j| order.get(&j.id).copied());
+    jobs
 }
 
 /// A job of `org`; another org's job is not found.
