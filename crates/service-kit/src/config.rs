@@ -96,6 +96,7 @@ pub const VARIABLES: &[&str] = &[
     "SCHEDULER_ACK_TIMEOUT_MS",
     "SCHEDULER_AGING_INTERVAL_SECS",
     "SCHEDULER_MAX_LEASES_PER_TICK",
+    "SCHEDULER_QUEUE_DEPTH_INTERVAL_MS",
     // Read by agent-gateway (`agent_gateway::config`).
     "GATEWAY_ID",
     "GATEWAY_GRPC_MAX_MESSAGE_BYTES",
