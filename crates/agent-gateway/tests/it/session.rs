@@ -888,7 +888,8 @@ struct OfferFixture {
     agent: Registered,
     session: RawSession,
     leases: Vec<(JobId, db::leases::Lease)>,
-    // Kept for the test's lifetime (bind them, or they drop at once).
+    // Kept for the test's lifetime: bind the fixture, then take fields out
+    // of it with `..`, so these stay until the end of the test.
     _gateway: TestGateway,
     _redis: TestRedis,
     _db: TestDb,
@@ -931,15 +932,14 @@ impl OfferFixture {
 /// trace its own offer carries; a repeat and an outdated epoch are not.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batched_offer_delivers_each_current_assignment_once_in_its_own_trace() {
+    let fixture = OfferFixture::start(3).await;
     let OfferFixture {
         bus,
         agent,
         mut session,
         leases,
-        _gateway,
-        _redis,
-        _db,
-    } = OfferFixture::start(3).await;
+        ..
+    } = fixture;
     let mut offers = Vec::new();
     for (n, (job, lease)) in (0u8..).zip(leases) {
         offers.push(domain::events::Offer {
@@ -1004,15 +1004,14 @@ struct Count {
 /// in one statement): each current one once, an outdated one not at all.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_burst_of_offers_delivers_each_current_one_once() {
+    let fixture = OfferFixture::start(5).await;
     let OfferFixture {
         bus,
         agent,
         mut session,
         leases: offers,
-        _gateway,
-        _redis,
-        _db,
-    } = OfferFixture::start(5).await;
+        ..
+    } = fixture;
     let outdated = offers[0].0;
     // Every offer, the first one twice, then one for an epoch never leased.
     for (job, lease) in offers.iter().chain([&offers[0]]) {
@@ -1067,15 +1066,14 @@ async fn a_burst_of_offers_delivers_each_current_one_once() {
 /// PostgreSQL instead (and an epoch never leased is not delivered).
 #[tokio::test(flavor = "multi_thread")]
 async fn an_offer_carrying_its_job_is_delivered_as_carried_while_its_lease_lasts() {
+    let fixture = OfferFixture::start(2).await;
     let OfferFixture {
         bus,
         agent,
         mut session,
         leases,
-        _gateway,
-        _redis,
-        _db,
-    } = OfferFixture::start(2).await;
+        ..
+    } = fixture;
     let carried = |command: &str| domain::events::OfferedJob {
         queue: "default".to_owned(),
         payload: serde_json::json!({ "command": command }),
