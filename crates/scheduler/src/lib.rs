@@ -169,9 +169,11 @@ mod tests {
         let custom = Settings::from_source(&env(&[
             ("SCHEDULER_SWEEP_INTERVAL_MS", "250"),
             ("SCHEDULER_AGING_INTERVAL_SECS", "0"),
+            ("SCHEDULER_QUEUE_DEPTH_INTERVAL_MS", "0"),
         ]))
         .expect("custom");
         assert_eq!(custom.sweep_interval, Duration::from_millis(250));
+        assert_eq!(custom.queue_depth_interval, Duration::ZERO);
         assert_eq!(custom.aging, None);
         let error =
             Settings::from_source(&env(&[("SCHEDULER_SWEEP_INTERVAL_MS", "0")])).expect_err("zero");
