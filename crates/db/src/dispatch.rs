@@ -139,6 +139,9 @@ pub async fn orgs_with_work(conn: &mut PgConn) -> DbResult<Vec<OrgId>> {
         .collect())
 }
 
+/// The org's leased jobs (what holds agent capacity and limits).
+const HELD: &str = "org_id = $1 AND status IN ('leased', 'running', 'cancel_requested')";
+
 #[derive(QueryableByName)]
 struct AgentRow {
     #[diesel(sql_type = SqlUuid)]
@@ -156,19 +159,18 @@ pub async fn agent_offers<C>(conn: &mut C, org: &OrgId) -> DbResult<Vec<AgentOff
 where
     C: AsyncConnectionCore<Backend = Pg> + Send,
 {
-    let rows: Vec<AgentRow> = diesel::sql_query(
+    let rows: Vec<AgentRow> = diesel::sql_query(format!(
         "SELECT a.id, a.labels, a.capacity - COALESCE(l.held, 0) AS free, \
                 COALESCE(s.rate, 1.0)::float8 AS success_rate \
          FROM agents a \
-         LEFT JOIN (SELECT agent_id, count(*) AS held FROM jobs \
-                    WHERE org_id = $1 AND status IN ('leased', 'running', 'cancel_requested') \
-                    GROUP BY agent_id) l ON l.agent_id = a.id \
+         LEFT JOIN (SELECT agent_id, count(*) AS held FROM jobs WHERE {HELD} GROUP BY agent_id) l \
+           ON l.agent_id = a.id \
          LEFT JOIN LATERAL (SELECT avg((r.outcome = 'succeeded')::int)::float8 AS rate FROM \
                     (SELECT outcome FROM attempts WHERE agent_id = a.id \
                      AND outcome IN ('succeeded', 'failed', 'lost') \
                      ORDER BY ended_at DESC LIMIT 20) r) s ON true \
-         WHERE a.org_id = $1 AND a.status = 'online' AND a.capacity - COALESCE(l.held, 0) > 0",
-    )
+         WHERE a.org_id = $1 AND a.status = 'online' AND a.capacity - COALESCE(l.held, 0) > 0"
+    ))
     .bind::<Text, _>(org.as_str())
     .cached()
     .load(conn)
@@ -209,22 +211,21 @@ pub async fn limits<C>(conn: &mut C, org: &OrgId) -> DbResult<(Limits, HashMap<S
 where
     C: AsyncConnectionCore<Backend = Pg> + Send,
 {
-    let rows: Vec<LimitRow> = diesel::sql_query(
+    let rows: Vec<LimitRow> = diesel::sql_query(format!(
         "SELECT 'org' AS kind, NULL::uuid AS repository_id, \
                 (SELECT max_concurrent_jobs FROM org_settings WHERE org_id = $1) AS max_jobs, \
                 count(*) AS leased, NULL::text AS key, NULL::int4[] AS slots \
-         FROM jobs WHERE org_id = $1 AND status IN ('leased', 'running', 'cancel_requested') \
+         FROM jobs WHERE {HELD} \
          UNION ALL \
          SELECT 'repository', r.id, r.max_concurrent_jobs, COALESCE(u.leased, 0), NULL, NULL \
          FROM repositories r \
-         LEFT JOIN (SELECT repository_id, count(*) AS leased FROM jobs \
-                    WHERE org_id = $1 AND status IN ('leased', 'running', 'cancel_requested') \
+         LEFT JOIN (SELECT repository_id, count(*) AS leased FROM jobs WHERE {HELD} \
                     GROUP BY repository_id) u ON u.repository_id = r.id \
          WHERE r.org_id = $1 AND r.max_concurrent_jobs IS NOT NULL \
          UNION ALL \
          SELECT 'key', NULL, NULL, 0, key, array_agg(slot ORDER BY slot) \
-         FROM concurrency_slots WHERE org_id = $1 GROUP BY key",
-    )
+         FROM concurrency_slots WHERE org_id = $1 GROUP BY key"
+    ))
     .bind::<Text, _>(org.as_str())
     .cached()
     .load(conn)
@@ -293,14 +294,19 @@ const GROUP: &str = "COALESCE(repository_id, '00000000-0000-0000-0000-0000000000
 /// The heads of every fairness group's ready queue, among the jobs an
 /// online agent could run: per group, the first ones by dispatch order and
 /// as many of the oldest, so aging can lift them. Each group gives at least
-/// `heads` and its share of `wanted` (what the tick can place), so one busy
-/// group can fill every free slot in one tick. Found by skipping through the
-/// index one group at a time, never by reading a whole backlog.
+/// `heads` and its share of what the tick can place: the free slots of the
+/// org's online agents, at most `most`. So one busy group can fill every
+/// free slot in one tick. Found by skipping through the index one group at
+/// a time, never by reading a whole backlog; nothing is read when no agent
+/// has a free slot.
+///
+/// The free slots are counted here, not taken from [`agent_offers`], so
+/// that this read goes out in the same round trip as that one.
 pub async fn candidates<C>(
     conn: &mut C,
     org: &OrgId,
     heads: i64,
-    wanted: i64,
+    most: i64,
 ) -> DbResult<Vec<Candidate>>
 where
     C: AsyncConnectionCore<Backend = Pg> + Send,
@@ -312,8 +318,15 @@ where
             SELECT (SELECT {GROUP} FROM jobs WHERE org_id = $1 AND status = 'queued' \
                     AND {GROUP} > groups.id ORDER BY 1 LIMIT 1) \
             FROM groups WHERE groups.id IS NOT NULL), \
-         share(n) AS (SELECT greatest($2, $3 / greatest(count(*), 1)) FROM groups WHERE id IS NOT NULL) \
-         SELECT DISTINCT ON (id) c.* FROM groups g CROSS JOIN share CROSS JOIN LATERAL ( \
+         free(n) AS ( \
+            SELECT least($3, COALESCE(sum(greatest(a.capacity - COALESCE(h.held, 0), 0)), 0)) \
+            FROM agents a \
+            LEFT JOIN (SELECT agent_id, count(*) AS held FROM jobs WHERE {HELD} GROUP BY agent_id) h \
+              ON h.agent_id = a.id \
+            WHERE a.org_id = $1 AND a.status = 'online'), \
+         share(n) AS (SELECT greatest($2, free.n / greatest(count(*), 1)) FROM free, groups \
+                      WHERE free.n > 0 AND groups.id IS NOT NULL GROUP BY free.n) \
+         SELECT DISTINCT ON (id) c.* FROM share CROSS JOIN groups g CROSS JOIN LATERAL ( \
              (SELECT {CANDIDATE_COLUMNS} FROM jobs WHERE org_id = $1 AND status = 'queued' \
                 AND {GROUP} = g.id AND run_at <= now() AND {RUNNABLE} \
                 ORDER BY queue_rank, priority DESC, position LIMIT share.n) \
@@ -326,7 +339,7 @@ where
     let rows: Vec<CandidateRow> = diesel::sql_query(sql)
         .bind::<Text, _>(org.as_str())
         .bind::<BigInt, _>(heads)
-        .bind::<BigInt, _>(wanted)
+        .bind::<BigInt, _>(most)
         .cached()
         .load(conn)
         .await?;
@@ -475,11 +488,12 @@ pub async fn dispatch_org(
         // its generic plan walks the same indexes whatever the backlog
         // (checked from empty statistics to 100,000 queued jobs).
         //
-        // The lock and the two reads go in one pipeline, in that order: one
-        // round trip instead of three on every dispatch (when the lock is
-        // not granted, the reads are thrown away).
+        // The lock and the three reads go in one pipeline, in that order:
+        // one round trip instead of four on every dispatch (when the lock
+        // is not granted, the reads are thrown away).
         let shared = conn.pipeline();
-        let (mut for_lock, mut for_agents, mut for_limits) = (shared, shared, shared);
+        let (mut for_lock, mut for_agents, mut for_limits, mut for_candidates) =
+            (shared, shared, shared, shared);
         let lock = diesel::sql_query(
             "SELECT pg_try_advisory_xact_lock($1, hashtext($2)) AS locked \
                  FROM set_config('enable_bitmapscan', 'off', true) AS bitmap, \
@@ -489,10 +503,12 @@ pub async fn dispatch_org(
         .bind::<Text, _>(org.as_str())
         .cached()
         .get_result::<Locked>(&mut for_lock);
-        let (lock, agents, (limits, held)) = futures_util::try_join!(
+        let most = settings.max_leases_per_tick as i64;
+        let (lock, agents, (limits, held), mut ready) = futures_util::try_join!(
             async { Ok(lock.await?) },
             agent_offers(&mut for_agents, org),
             limits(&mut for_limits, org),
+            candidates(&mut for_candidates, org, settings.heads_per_group, most),
         )?;
         if !lock.locked || agents.is_empty() {
             return Ok(Dispatched::default());
@@ -500,7 +516,6 @@ pub async fn dispatch_org(
         let free: usize = agents.iter().map(|a| a.free as usize).sum();
         let wanted = free.min(settings.max_leases_per_tick);
         let mut conn = shared;
-        let mut ready = candidates(&mut conn, org, settings.heads_per_group, wanted as i64).await?;
         order(&mut ready, Utc::now(), settings.aging);
         let placement = plan(&ready, &agents, &limits, wanted);
         if placement.assignments.is_empty() {
