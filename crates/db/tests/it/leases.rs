@@ -7,6 +7,7 @@ use std::time::Duration;
 use chrono::Utc;
 use db::DbError;
 use db::leases::{Ending, OperatorAction};
+use diesel_async::RunQueryDsl;
 use domain::job::JobStatus;
 use domain::retry::{InfraReason, RetryPolicy};
 use domain::{AgentId, DomainError, JobId};
@@ -853,6 +854,31 @@ async fn approving_a_scheduled_job_keeps_its_run_at() {
     support::assert_between(approved.run_at, later, later);
     let early = db::leases::lease_job(&mut conn, id, AgentId::new(), ACK).await;
     assert!(early.is_err(), "a job scheduled in an hour was leased now");
+}
+
+#[derive(diesel::QueryableByName)]
+struct PlanLine {
+    #[diesel(sql_type = diesel::sql_types::Text, column_name = "QUERY PLAN")]
+    line: String,
+}
+
+/// The scheduler keeps the statement prepared from its first wait, often
+/// while `jobs` is empty, and reuses that plan as the table fills: it must
+/// read `jobs_delayed`, never the ready set.
+#[tokio::test]
+async fn the_next_run_at_is_planned_over_the_delayed_index_even_on_an_empty_table() {
+    let test_db = TestDb::new().await;
+    let mut conn = test_db.conn().await;
+    let plan: Vec<PlanLine> = diesel::sql_query(format!("EXPLAIN {}", db::sweeps::NEXT_RUN_AT))
+        .load(&mut conn)
+        .await
+        .expect("explain");
+    let plan: Vec<String> = plan.into_iter().map(|l| l.line).collect();
+    assert!(
+        plan.iter().any(|l| l.contains("jobs_delayed"))
+            && !plan.iter().any(|l| l.contains("jobs_ready")),
+        "{plan:#?}"
+    );
 }
 
 #[tokio::test]
