@@ -89,7 +89,7 @@ pub async fn append(
         let (current, _, head) =
             futures_util::try_join!(async { current.await.optional() }, create_head, async {
                 head.await.optional()
-            },)?;
+            })?;
         let (Some((current_epoch, status)), Some((next_seq, head_epoch, committed))) =
             (current, head)
         else {
