@@ -318,6 +318,61 @@ pub fn status_messages(envelope: &Envelope) -> Option<[(Channel, String); 2]> {
     ])
 }
 
+/// The messages that hand granted leases to their agents' gateways, one
+/// per agent (offers first: they are what the agents wait for), then each
+/// lease's `Leased` status on its job's and org's channels. Each offer
+/// carries its job's trace; `batch_trace` goes on a message holding
+/// several offers.
+pub fn offer_messages(
+    org: &OrgId,
+    offers: Vec<(AgentId, domain::events::Offer)>,
+    batch_trace: Option<domain::events::TraceContext>,
+) -> Vec<(Channel, String)> {
+    use domain::events::Event;
+    use std::collections::HashMap;
+    let mut statuses = Vec::with_capacity(2 * offers.len());
+    let mut by_agent: HashMap<AgentId, Vec<domain::events::Offer>> = HashMap::new();
+    for (agent_id, offer) in offers {
+        let status = Envelope::new(
+            org.clone(),
+            Event::JobStatusChanged {
+                job_id: offer.job_id,
+                status: domain::job::JobStatus::Leased,
+                attempt: offer.attempt,
+                epoch: offer.epoch,
+                agent_id: Some(agent_id),
+            },
+        )
+        .with_trace(offer.trace.clone());
+        statuses.extend(status_messages(&status).into_iter().flatten());
+        by_agent.entry(agent_id).or_default().push(offer);
+    }
+    let mut messages = Vec::with_capacity(by_agent.len() + statuses.len());
+    for (agent_id, mut offers) in by_agent {
+        // A single lease keeps the single-offer message (and its trace on
+        // the envelope), which gateways of every version read.
+        let (event, trace) = if offers.len() == 1 {
+            let offer = offers.pop().expect("one offer");
+            let event = Event::AssignmentOffered {
+                agent_id,
+                job_id: offer.job_id,
+                epoch: offer.epoch,
+                attempt: offer.attempt,
+                lease_expires_at: offer.lease_expires_at,
+                job: offer.job,
+            };
+            (event, offer.trace)
+        } else {
+            let event = Event::AssignmentsOffered { agent_id, offers };
+            (event, batch_trace.clone())
+        };
+        let envelope = Envelope::new(org.clone(), event).with_trace(trace);
+        messages.extend(message(Channel::Agent(agent_id), &envelope));
+    }
+    messages.extend(statuses);
+    messages
+}
+
 impl Bus {
     /// Prepares the connection without opening it, so a service can start
     /// (and report not-ready) while Redis is down. Fails only on a bad URL.

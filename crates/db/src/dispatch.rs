@@ -19,7 +19,7 @@ use diesel::sql_types::{
     Array, BigInt, Bool, Double, Int2, Int4, Int8, Jsonb, Nullable, Text, Timestamptz,
     Uuid as SqlUuid,
 };
-use diesel_async::{AsyncConnectionCore, RunQueryDsl};
+use diesel_async::{AsyncConnectionCore, AsyncPgConnection, RunQueryDsl};
 use domain::job::Labels;
 use domain::scheduling::{AgentOffer, Candidate, Limits, order, plan};
 use domain::{AgentId, JobId, OrgId, RepositoryId};
@@ -96,6 +96,22 @@ impl Granted {
     /// The trace of the request that created the job.
     pub fn trace(&self) -> Option<domain::events::TraceContext> {
         crate::jobs::stored_trace(self.traceparent.as_deref(), self.tracestate.as_deref())
+    }
+
+    /// The lease as its agent's offer, continuing `trace`.
+    pub fn offer(
+        &self,
+        trace: Option<domain::events::TraceContext>,
+    ) -> (AgentId, domain::events::Offer) {
+        let offer = domain::events::Offer {
+            job_id: JobId(self.job_id),
+            epoch: self.epoch as u64,
+            attempt: self.attempt as u32,
+            lease_expires_at: self.lease_expires_at,
+            trace,
+            job: self.offered_job(),
+        };
+        (AgentId(self.agent_id), offer)
     }
 
     /// The job as its offer carries it, unless it is too big to carry.
@@ -457,6 +473,11 @@ struct Locked {
 /// Namespace of the per-org dispatch advisory locks.
 const DISPATCH_LOCK_NAMESPACE: i32 = 0x5359_4450; // "SYDP"
 
+/// Planner settings for a dispatch transaction (see [`dispatch_org`] for
+/// why), as a `FROM` item of its first statement.
+const DISPATCH_PLANNING: &str = "set_config('enable_bitmapscan', 'off', true) AS bitmap, \
+    set_config('plan_cache_mode', 'force_generic_plan', true) AS plans";
+
 /// What one dispatch of an org did.
 #[derive(Debug, Default)]
 pub struct Dispatched {
@@ -465,6 +486,9 @@ pub struct Dispatched {
     /// reached, or free slots remain while some group had more queued than
     /// its share of this read.
     pub more: bool,
+    /// Another transaction held the org's dispatch lock, so nothing was
+    /// read: it may not have seen jobs committed since, so try again soon.
+    pub contended: bool,
 }
 
 /// Dispatches one org: orders its ready jobs, places them on its agents and
@@ -494,11 +518,9 @@ pub async fn dispatch_org(
         let shared = conn.pipeline();
         let (mut for_lock, mut for_agents, mut for_limits, mut for_candidates) =
             (shared, shared, shared, shared);
-        let lock = diesel::sql_query(
-            "SELECT pg_try_advisory_xact_lock($1, hashtext($2)) AS locked \
-                 FROM set_config('enable_bitmapscan', 'off', true) AS bitmap, \
-                      set_config('plan_cache_mode', 'force_generic_plan', true) AS plans",
-        )
+        let lock = diesel::sql_query(format!(
+            "SELECT pg_try_advisory_xact_lock($1, hashtext($2)) AS locked FROM {DISPATCH_PLANNING}"
+        ))
         .bind::<Int4, _>(DISPATCH_LOCK_NAMESPACE)
         .bind::<Text, _>(org.as_str())
         .cached()
@@ -510,7 +532,13 @@ pub async fn dispatch_org(
             limits(&mut for_limits, org),
             candidates(&mut for_candidates, org, settings.heads_per_group, most),
         )?;
-        if !lock.locked || agents.is_empty() {
+        if !lock.locked {
+            return Ok(Dispatched {
+                contended: true,
+                ..Dispatched::default()
+            });
+        }
+        if agents.is_empty() {
             return Ok(Dispatched::default());
         }
         let free: usize = agents.iter().map(|a| a.free as usize).sum();
@@ -542,7 +570,71 @@ pub async fn dispatch_org(
         let more = !granted.is_empty()
             && (granted.len() >= settings.max_leases_per_tick
                 || (granted.len() < wanted && some_group_cut));
-        Ok(Dispatched { granted, more })
+        Ok(Dispatched {
+            granted,
+            more,
+            contended: false,
+        })
     })
+    .await
+}
+
+/// Leases `job`, a job being created in this transaction (call it after
+/// the insert, on the same connection), when nothing else of its org is
+/// ready and no dispatch of the org is running: an idle org's job then goes
+/// out with its create's commit, without the scheduler's round of wake-up,
+/// reads and commit. Otherwise (and when no online agent can take it) it
+/// returns nothing and the job waits for the scheduler as any other.
+///
+/// It takes the org's dispatch lock, so it never overfills an agent or a
+/// limit any more than the scheduler does; a scheduler that finds the lock
+/// taken tries again shortly (see [`Dispatched::contended`]). The gate, the
+/// agents and the limits go out in one round trip behind the insert.
+pub async fn lease_created(
+    shared: &AsyncPgConnection,
+    org: &OrgId,
+    job: Candidate,
+    ack_timeout: Duration,
+) -> DbResult<Vec<Granted>> {
+    let (mut for_gate, mut for_agents, mut for_limits) = (shared, shared, shared);
+    let gate = diesel::sql_query(format!(
+        "SELECT CASE WHEN EXISTS (SELECT 1 FROM jobs WHERE org_id = $2 AND status = 'queued' \
+                                  AND run_at <= now() AND id <> $3) \
+                THEN false ELSE pg_try_advisory_xact_lock($1, hashtext($2)) END AS locked \
+         FROM {DISPATCH_PLANNING}"
+    ))
+    .bind::<Int4, _>(DISPATCH_LOCK_NAMESPACE)
+    .bind::<Text, _>(org.as_str())
+    .bind::<SqlUuid, _>(job.job_id.as_uuid())
+    .cached()
+    .get_result::<Locked>(&mut for_gate);
+    let (gate, agents, (limits, held)) = futures_util::try_join!(
+        async { Ok(gate.await?) },
+        agent_offers(&mut for_agents, org),
+        limits(&mut for_limits, org),
+    )?;
+    if !gate.locked || agents.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ready = [job];
+    let placement = plan(&ready, &agents, &limits, 1);
+    if placement.assignments.is_empty() {
+        return Ok(Vec::new());
+    }
+    let [job] = ready;
+    let keys: HashMap<JobId, String> = job
+        .concurrency_key
+        .map(|key| (job.job_id, key))
+        .into_iter()
+        .collect();
+    let mut conn = shared;
+    lease_batch(
+        &mut conn,
+        org,
+        &placement.assignments,
+        &keys,
+        held,
+        ack_timeout,
+    )
     .await
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-use domain::job::{JobStatus, NewJob};
+use domain::job::{JobStatus, Labels, NewJob};
 use domain::org::OrgSettings;
 use domain::retry::{FailureCounts, RetryPolicy};
 use domain::state::{CancelReason, Lifecycle};
@@ -156,6 +156,10 @@ pub struct CreateContext<'a> {
     pub request_id: Option<&'a str>,
     /// The creating request's trace: the jobs' dispatch and run continue it.
     pub trace: Option<&'a domain::events::TraceContext>,
+    /// Lease a single due job in its own transaction when its org is idle
+    /// (see [`crate::dispatch::lease_created`]), with this time to
+    /// acknowledge; `None` leaves every job to the scheduler.
+    pub lease_on_create: Option<std::time::Duration>,
 }
 
 /// An idempotency key and the hash of the request it came with.
@@ -170,6 +174,10 @@ pub struct Created {
     /// True when an earlier request with the same idempotency key and body
     /// already created these jobs; nothing new was written.
     pub replayed: bool,
+    /// Leases granted in the same transaction (see
+    /// [`CreateContext::lease_on_create`]): their offers are the creator's
+    /// to publish after commit.
+    pub leased: Vec<crate::dispatch::Granted>,
 }
 
 fn to_json<T: Serialize>(value: &T) -> Result<serde_json::Value, diesel::result::Error> {
@@ -237,12 +245,19 @@ pub async fn create_jobs(
         // deleted meanwhile fails the insert's foreign key.
         check_repositories(conn, org_id, &rows).await?;
         let mut pipeline = conn.pipeline();
-        let jobs = conn
-            .pipelined_transaction(insert_with_audit(&mut pipeline, ctx, &rows))
+        let shared = conn.pipeline();
+        let (jobs, leased) = conn
+            .pipelined_transaction(async {
+                futures_util::try_join!(
+                    insert_with_audit(&mut pipeline, ctx, &rows),
+                    lease_on_create(shared, ctx, &rows)
+                )
+            })
             .await?;
         return Ok(Created {
             jobs,
             replayed: false,
+            leased,
         });
     };
     conn.transaction(async |conn| {
@@ -274,17 +289,51 @@ pub async fn create_jobs(
             return Ok(Created {
                 jobs: in_order_of(found, job_ids.iter().copied()),
                 replayed: true,
+                leased: Vec::new(),
             });
         }
         check_repositories(conn, org_id, &rows).await?;
         let mut pipeline = conn.pipeline();
-        let jobs = insert_with_audit(&mut pipeline, ctx, &rows).await?;
+        let shared = conn.pipeline();
+        let (jobs, leased) = futures_util::try_join!(
+            insert_with_audit(&mut pipeline, ctx, &rows),
+            lease_on_create(shared, ctx, &rows)
+        )?;
         Ok(Created {
             jobs,
             replayed: false,
+            leased,
         })
     })
     .await
+}
+
+/// Leases the job of a single-job create that is due at once, if its org
+/// is idle (see [`crate::dispatch::lease_created`]); issue it after the
+/// insert, on the same connection.
+async fn lease_on_create(
+    conn: &AsyncPgConnection,
+    ctx: &CreateContext<'_>,
+    rows: &[NewJobRow<'_>],
+) -> DbResult<Vec<crate::dispatch::Granted>> {
+    let (Some(ack_timeout), [row]) = (ctx.lease_on_create, rows) else {
+        return Ok(Vec::new());
+    };
+    if row.status != JobStatus::Queued.as_str() || row.run_at > row.created_at {
+        return Ok(Vec::new());
+    }
+    let candidate = domain::scheduling::Candidate {
+        job_id: JobId(row.id),
+        repository_id: row.repository_id.map(RepositoryId),
+        queue_rank: row.queue_rank,
+        priority: row.priority,
+        position: 0,
+        queued_at: row.created_at,
+        required_labels: Labels::new(row.required_labels.clone()),
+        concurrency_key: row.concurrency_key.map(str::to_owned),
+        concurrency_limit: row.concurrency_limit.unwrap_or(1).max(1) as u32,
+    };
+    crate::dispatch::lease_created(conn, ctx.org, candidate, ack_timeout).await
 }
 
 /// Refuses repositories that are not the org's.

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::web;
-use service_kit::config::{CommonConfig, ConfigError, Source, address, optional, parsed};
+use service_kit::config::{CommonConfig, ConfigError, Source, address, flag_or, optional, parsed};
 use service_kit::launch::{Foundation, ServiceConfig};
 use tokio_util::sync::CancellationToken;
 use utoipa::OpenApi;
@@ -42,6 +42,8 @@ pub const BODY_LIMIT_BYTES: usize = 1024 * 1024;
 /// | `JOB_API_ADDR` | `127.0.0.1:8080` | listen address |
 /// | `CANCEL_GRACE_MS` | `30000` | time a cancelled job has to stop before the cancel is forced |
 /// | `JOB_API_CORS_ORIGINS` | `http://127.0.0.1:8090,http://localhost:8090` | browser origins allowed to call the API (the dashboard's); `*` for any |
+/// | `JOB_API_LEASE_ON_CREATE` | `true` | a single job due at once, created while its org has nothing else ready, is leased to a free agent in its create's own transaction instead of waiting for the scheduler |
+/// | `SCHEDULER_ACK_TIMEOUT_MS` | `10000` | time an agent has to acknowledge such a lease (the scheduler's setting) |
 #[derive(Clone, Debug)]
 pub struct Config {
     pub common: CommonConfig,
@@ -49,6 +51,9 @@ pub struct Config {
     pub auth: auth::AuthConfig,
     pub cancel_grace: Duration,
     pub cors_origins: Vec<String>,
+    /// The ack timeout of leases granted on create; `None`: leave every
+    /// job to the scheduler.
+    pub lease_on_create: Option<Duration>,
 }
 
 /// The dashboard's origin when run by `scripts/dev.sh`.
@@ -67,6 +72,10 @@ impl ServiceConfig for Config {
                 .map(|o| o.trim().trim_end_matches('/').to_owned())
                 .filter(|o| !o.is_empty())
                 .collect(),
+            lease_on_create: flag_or(source, "JOB_API_LEASE_ON_CREATE", true)?
+                .then(|| parsed(source, "SCHEDULER_ACK_TIMEOUT_MS", 10_000u64))
+                .transpose()?
+                .map(Duration::from_millis),
         })
     }
 
@@ -88,6 +97,7 @@ pub async fn run(
         foundation.bus.clone(),
         verifier,
         config.cancel_grace,
+        config.lease_on_create,
     )));
     let openapi = ApiDoc::openapi();
     let origins = config.cors_origins.clone();

@@ -8,7 +8,7 @@ use bus::{Bus, Channel};
 use db::Db;
 use db::orgs::VersionedSettings;
 use domain::OrgId;
-use domain::events::{Envelope, Event};
+use domain::events::{Envelope, Event, TraceContext};
 
 use crate::error::ApiResult;
 
@@ -17,6 +17,8 @@ pub struct AppState {
     pub bus: Bus,
     pub verifier: auth::Verifier,
     pub cancel_grace: Duration,
+    /// See [`crate::Config::lease_on_create`].
+    pub lease_on_create: Option<Duration>,
     /// Orgs whose row is known to exist (created on first use).
     known_orgs: Mutex<HashSet<OrgId>>,
     /// Org settings as last read, for creates: a create checks inside its
@@ -30,12 +32,19 @@ pub struct AppState {
 const MAX_CACHED_SETTINGS: usize = 10_000;
 
 impl AppState {
-    pub fn new(db: Db, bus: Bus, verifier: auth::Verifier, cancel_grace: Duration) -> Self {
+    pub fn new(
+        db: Db,
+        bus: Bus,
+        verifier: auth::Verifier,
+        cancel_grace: Duration,
+        lease_on_create: Option<Duration>,
+    ) -> Self {
         Self {
             db,
             bus,
             verifier,
             cancel_grace,
+            lease_on_create,
             known_orgs: Mutex::new(HashSet::new()),
             settings: Mutex::new(HashMap::new()),
         }
@@ -106,16 +115,15 @@ impl AppState {
         }
     }
 
-    /// Publishes several events of one request after commit, in order, as
-    /// one Redis round trip; a lost message is repaired by the sweeps.
-    pub async fn publish_all(
+    /// One request's events, serialized for [`publish_messages`](Self::publish_messages).
+    pub fn messages(
         &self,
         org: &OrgId,
         events: Vec<(Channel, Event)>,
         request_id: Option<&str>,
-    ) {
-        let trace = telemetry::current_trace_context();
-        let messages: Vec<(Channel, String)> = events
+        trace: Option<TraceContext>,
+    ) -> Vec<(Channel, String)> {
+        events
             .into_iter()
             .filter_map(|(channel, event)| {
                 let envelope = Envelope::new(org.clone(), event)
@@ -123,7 +131,12 @@ impl AppState {
                     .with_trace(trace.clone());
                 bus::message(channel, &envelope)
             })
-            .collect();
+            .collect()
+    }
+
+    /// Publishes after commit, as one Redis round trip; a lost message is
+    /// repaired by the sweeps.
+    pub async fn publish_messages(&self, messages: Vec<(Channel, String)>) {
         if let Err(error) = self.bus.publish_many(&messages).await {
             tracing::warn!(error = %error, events = messages.len(),
                 "events not published; consumers will catch up from PostgreSQL");

@@ -1,7 +1,7 @@
 //! The scheduling loop: sweep when due, dispatch on every wake-up, sleep
 //! until the next wake-up, sweep or due `run_at`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -10,7 +10,7 @@ use chrono::Utc;
 use db::dispatch::{DispatchSettings, Granted};
 use db::leases::{Ending, Timeout};
 use db::{Db, DbError};
-use domain::events::{Envelope, Event, Offer};
+use domain::events::{Envelope, Event};
 use domain::job::JobStatus;
 use domain::retry::InfraReason;
 use domain::{AgentId, JobId, OrgId};
@@ -25,6 +25,9 @@ use crate::metrics::Metrics;
 
 /// Most rows one sweep query handles; the rest wait for the next sweep.
 const SWEEP_BATCH: i64 = 500;
+/// How long to wait before dispatching an org again whose lock was held:
+/// about as long as a create that leases its own job holds it.
+const CONTENDED_RETRY: Duration = Duration::from_millis(2);
 /// Idempotency keys are kept this long.
 const IDEMPOTENCY_KEY_HOURS: i64 = 24;
 
@@ -48,6 +51,9 @@ pub struct TickReport {
     pub timed_out: usize,
     /// An org could lease more at once (see `Dispatched::more`): run again.
     pub saturated: bool,
+    /// Orgs whose dispatch lock another transaction held (see
+    /// `Dispatched::contended`): look at them again shortly.
+    pub contended: Vec<OrgId>,
 }
 
 impl Engine {
@@ -99,6 +105,16 @@ impl Engine {
             };
             if report.saturated {
                 wakeups.include_all();
+                continue;
+            }
+            if !report.contended.is_empty() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(CONTENDED_RETRY) => {}
+                }
+                for org in report.contended {
+                    wakeups.include(org);
+                }
                 continue;
             }
             let until_sweep = next_sweep.saturating_duration_since(Instant::now());
@@ -159,6 +175,10 @@ impl Engine {
         };
         for org in orgs {
             let dispatched = db::dispatch::dispatch_org(&mut conn, &org, &self.dispatch).await?;
+            if dispatched.contended {
+                report.contended.push(org);
+                continue;
+            }
             let granted = dispatched.granted;
             if granted.is_empty() {
                 continue;
@@ -192,64 +212,21 @@ impl Engine {
     /// and watchers about each status, all in one pipeline; each lease in
     /// an `offer` span continuing its job's own trace when it is known.
     async fn offer(&self, org: &OrgId, granted: &[Granted]) {
-        let mut by_agent: HashMap<Uuid, Vec<Offer>> = HashMap::new();
-        let mut statuses = Vec::with_capacity(2 * granted.len());
-        for lease in granted {
-            let span = tracing::info_span!(
-                "offer",
-                job.id = %lease.job_id,
-                job.epoch = lease.epoch,
-                agent.id = %lease.agent_id,
-                trace_id = tracing::field::Empty
-            );
-            telemetry::adopt_trace(&span, lease.trace().as_ref());
-            let trace = telemetry::trace_context_of(&span);
-            let status = Envelope::new(
-                org.clone(),
-                Event::JobStatusChanged {
-                    job_id: JobId(lease.job_id),
-                    status: JobStatus::Leased,
-                    attempt: lease.attempt as u32,
-                    epoch: lease.epoch as u64,
-                    agent_id: Some(AgentId(lease.agent_id)),
-                },
-            )
-            .with_trace(trace.clone());
-            statuses.extend(bus::status_messages(&status).into_iter().flatten());
-            by_agent.entry(lease.agent_id).or_default().push(Offer {
-                job_id: JobId(lease.job_id),
-                epoch: lease.epoch as u64,
-                attempt: lease.attempt as u32,
-                lease_expires_at: lease.lease_expires_at,
-                trace,
-                job: lease.offered_job(),
-            });
-        }
-        let mut messages = Vec::with_capacity(by_agent.len() + statuses.len());
-        for (agent, mut offers) in by_agent {
-            let agent_id = AgentId(agent);
-            // A single lease keeps the single-offer message (and its trace
-            // on the envelope), which gateways of every version read.
-            let (event, trace) = if offers.len() == 1 {
-                let offer = offers.pop().expect("one offer");
-                let event = Event::AssignmentOffered {
-                    agent_id,
-                    job_id: offer.job_id,
-                    epoch: offer.epoch,
-                    attempt: offer.attempt,
-                    lease_expires_at: offer.lease_expires_at,
-                    job: offer.job,
-                };
-                (event, offer.trace)
-            } else {
-                let event = Event::AssignmentsOffered { agent_id, offers };
-                (event, telemetry::current_trace_context())
-            };
-            let envelope = Envelope::new(org.clone(), event).with_trace(trace);
-            messages.extend(bus::message(Channel::Agent(agent_id), &envelope));
-        }
-        // Offers first: they are what the agents wait for.
-        messages.extend(statuses);
+        let offers = granted
+            .iter()
+            .map(|lease| {
+                let span = tracing::info_span!(
+                    "offer",
+                    job.id = %lease.job_id,
+                    job.epoch = lease.epoch,
+                    agent.id = %lease.agent_id,
+                    trace_id = tracing::field::Empty
+                );
+                telemetry::adopt_trace(&span, lease.trace().as_ref());
+                lease.offer(telemetry::trace_context_of(&span))
+            })
+            .collect();
+        let messages = bus::offer_messages(org, offers, telemetry::current_trace_context());
         if let Err(error) = self.bus.publish_many(&messages).await {
             tracing::warn!(error = %error, org.id = %org, leases = granted.len(),
                 "offers not published; unacknowledged leases lapse and are queued again");
@@ -490,10 +467,15 @@ struct Wakeups {
 
 impl Wakeups {
     fn wake_org(&self, org: OrgId) {
+        self.include(org);
+        self.notify.notify_one();
+    }
+
+    /// The next pass covers `org`.
+    fn include(&self, org: OrgId) {
         if let Some(orgs) = self.lock().as_mut() {
             orgs.insert(org);
         }
-        self.notify.notify_one();
     }
 
     fn wake_all(&self) {

@@ -89,9 +89,12 @@ pub const VARIABLES: &[&str] = &[
     "CANCEL_GRACE_MS",
     // Read by job-api: browser origins allowed (the dashboard's).
     "JOB_API_CORS_ORIGINS",
+    // Read by job-api: lease an idle org's new job in its create.
+    "JOB_API_LEASE_ON_CREATE",
     // Read by realtime-broadcaster: where the dashboard finds job-api.
     "DASHBOARD_API_URL",
-    // Read by the scheduler (`scheduler::Settings`).
+    // Read by the scheduler (`scheduler::Settings`); the ack timeout by
+    // job-api too (for the leases it grants on create).
     "SCHEDULER_SWEEP_INTERVAL_MS",
     "SCHEDULER_ACK_TIMEOUT_MS",
     "SCHEDULER_AGING_INTERVAL_SECS",
@@ -211,12 +214,22 @@ pub fn address(
 }
 
 pub fn flag(source: &dyn Source, name: &'static str) -> Result<bool, ConfigError> {
+    flag_or(source, name, false)
+}
+
+/// A true/false variable that is `default` when unset.
+pub fn flag_or(
+    source: &dyn Source,
+    name: &'static str,
+    default: bool,
+) -> Result<bool, ConfigError> {
     match present(source, name)
         .as_deref()
         .map(str::to_ascii_lowercase)
         .as_deref()
     {
-        None | Some("0" | "false" | "no" | "off") => Ok(false),
+        None => Ok(default),
+        Some("0" | "false" | "no" | "off") => Ok(false),
         Some("1" | "true" | "yes" | "on") => Ok(true),
         Some(other) => Err(ConfigError {
             variable: name,

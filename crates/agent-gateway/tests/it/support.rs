@@ -230,6 +230,7 @@ pub async fn submit_in_trace(
         created_by: Some("tester"),
         request_id: None,
         trace,
+        lease_on_create: None,
     };
     db::jobs::create_jobs(&mut conn, &ctx, &[command_job(command)], None)
         .await

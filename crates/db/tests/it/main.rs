@@ -10,6 +10,7 @@ mod audit;
 mod concurrency;
 mod dispatch;
 mod jobs;
+mod lease_on_create;
 mod leases;
 mod logs;
 mod migrations;

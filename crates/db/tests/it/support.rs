@@ -112,6 +112,7 @@ pub fn context<'a>(org: &'a OrgId, settings: &'a OrgSettings) -> CreateContext<'
         created_by: Some("tester"),
         request_id: Some("req-1"),
         trace: None,
+        lease_on_create: None,
     }
 }
 

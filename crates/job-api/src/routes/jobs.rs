@@ -181,6 +181,7 @@ async fn create_with(
         created_by: Some(&actor),
         request_id: caller.request_id(),
         trace: trace.as_ref(),
+        lease_on_create: state.lease_on_create,
     };
     // Checks the repositories and records the audit event in the same
     // transaction as the jobs.
@@ -189,31 +190,43 @@ async fn create_with(
         created => created?,
     };
     if !created.replayed {
-        announce_created(state, &caller.org, &created.jobs, caller.request_id()).await;
+        announce_created(
+            state,
+            &caller.org,
+            &created.jobs,
+            &created.leased,
+            caller.request_id(),
+        )
+        .await;
     }
     Ok(Some((created.jobs, created.replayed)))
 }
 
-/// After commit: wake the scheduler once (first: it is on the dispatch
-/// path), and tell org watchers, all in one Redis round trip. (The
-/// request's trace context is stored on each job, so its dispatch, run and
-/// logs join that trace.)
+/// After commit: hand the leases granted on create to their agents, or
+/// else wake the scheduler once (first: it is on the dispatch path), and
+/// tell org watchers, all in one Redis round trip. (The request's trace
+/// context is stored on each job, so its dispatch, run and logs join that
+/// trace.)
 async fn announce_created(
     state: &AppState,
     org: &OrgId,
     jobs: &[db::jobs::Job],
+    leased: &[db::dispatch::Granted],
     request_id: Option<&str>,
 ) {
     let Some(first) = jobs.first() else {
         return;
     };
-    let wake = (
-        Channel::SchedulerWake,
-        Event::QueueChanged {
+    let trace = telemetry::current_trace_context();
+    let mut messages = if leased.is_empty() {
+        let wake = Event::QueueChanged {
             queue: first.queue_name(),
-        },
-    );
-    let created = jobs.iter().take(100).map(|job| {
+        };
+        vec![(Channel::SchedulerWake, wake)]
+    } else {
+        Vec::new()
+    };
+    messages.extend(jobs.iter().take(100).map(|job| {
         (
             Channel::Org(org.clone()),
             Event::JobCreated {
@@ -222,9 +235,15 @@ async fn announce_created(
                 status: job.status(),
             },
         )
-    });
-    let events = std::iter::once(wake).chain(created).collect();
-    state.publish_all(org, events, request_id).await;
+    }));
+    let mut messages = state.messages(org, messages, request_id, trace.clone());
+    if !leased.is_empty() {
+        let offers = leased.iter().map(|lease| lease.offer(trace.clone()));
+        let offers = bus::offer_messages(org, offers.collect(), trace);
+        // Offers first: they are what the agents wait for.
+        messages.splice(0..0, offers);
+    }
+    state.publish_messages(messages).await;
 }
 
 /// Create a job.

@@ -40,6 +40,7 @@ impl Api {
             },
             cancel_grace: Duration::from_secs(30),
             cors_origins: vec!["http://127.0.0.1:8090".into()],
+            lease_on_create: Some(Duration::from_secs(10)),
         };
         spawn_service(move |listener, shutdown| job_api::run(config, listener, shutdown))
     }

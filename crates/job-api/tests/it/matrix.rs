@@ -108,6 +108,7 @@ async fn every_route_enforces_auth_roles_and_org_isolation() {
         },
         cancel_grace: Duration::from_secs(30),
         cors_origins: vec!["http://127.0.0.1:8090".into()],
+        lease_on_create: Some(Duration::from_secs(10)),
     };
     let service = spawn_service(move |listener, shutdown| job_api::run(config, listener, shutdown));
     let base = service.url();

@@ -11,6 +11,7 @@ fn start(db: &TestDb, redis_url: &str, prefix: &str) -> RunningService {
         },
         cancel_grace: std::time::Duration::from_secs(30),
         cors_origins: Vec::new(),
+        lease_on_create: Some(std::time::Duration::from_secs(10)),
     };
     spawn_service(move |listener, shutdown| job_api::run(config, listener, shutdown))
 }

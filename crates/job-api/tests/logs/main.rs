@@ -75,6 +75,7 @@ async fn access_lines_carry_request_and_trace_ids_and_no_secrets() {
         },
         cancel_grace: Duration::from_secs(30),
         cors_origins: Vec::new(),
+        lease_on_create: Some(Duration::from_secs(10)),
     };
     let service = spawn_service(move |listener, shutdown| job_api::run(config, listener, shutdown));
     let token = auth::dev::mint_hs256(

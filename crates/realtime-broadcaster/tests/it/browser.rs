@@ -90,6 +90,7 @@ async fn the_dashboard_submits_a_job_and_shows_its_log_and_final_status() {
         },
         cancel_grace: Duration::from_secs(30),
         cors_origins: vec!["*".into()],
+        lease_on_create: Some(Duration::from_secs(10)),
     };
     let api = spawn_service(move |listener, shutdown| job_api::run(api_config, listener, shutdown));
     let mut broadcaster_config = config(&db, redis.url(), redis.prefix());

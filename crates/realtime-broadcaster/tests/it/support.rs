@@ -103,6 +103,7 @@ impl Writer {
             created_by: Some("tester"),
             request_id: None,
             trace: None,
+            lease_on_create: None,
         };
         let job = db::jobs::create_jobs(&mut conn, &ctx, &[new_job()], None)
             .await

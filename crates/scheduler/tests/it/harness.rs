@@ -88,6 +88,7 @@ pub async fn create_jobs(db: &TestDb, org: &OrgId, jobs: &[NewJob]) -> Vec<JobId
         created_by: Some("test"),
         request_id: None,
         trace: None,
+        lease_on_create: None,
     };
     let mut ids = Vec::new();
     for chunk in jobs.chunks(1_000) {

@@ -20,6 +20,7 @@ pub fn job_api(db: &TestDb, redis: &TestRedis, auth: auth::AuthConfig) -> Runnin
         auth,
         cancel_grace: Duration::from_secs(30),
         cors_origins: Vec::new(),
+        lease_on_create: Some(Duration::from_secs(10)),
     };
     spawn_service(move |listener, shutdown| job_api::run(config, listener, shutdown))
 }

@@ -223,6 +223,7 @@ pub async fn submit(db: &TestDb, command: &str) -> JobId {
         created_by: None,
         request_id: None,
         trace: None,
+        lease_on_create: None,
     };
     db::jobs::create_jobs(&mut conn, &ctx, &[command_job(command)], None)
         .await

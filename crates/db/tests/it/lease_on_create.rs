@@ -1,0 +1,143 @@
+//! A job created while its org is idle is leased in its create's own
+//! transaction; anything else is left to the scheduler.
+
+use db::dispatch::{DispatchSettings, dispatch_org};
+use db::jobs::Created;
+use domain::OrgId;
+use domain::job::{JobStatus, Labels, NewJob};
+use domain::org::OrgSettings;
+use test_support::TestDb;
+
+use crate::support::{self, ACK, acme, job, reload};
+
+/// Creates `new` as job-api does, leasing it on create when it can.
+async fn create_leasing(conn: &mut db::PgConn, org: &OrgId, new: NewJob) -> Created {
+    let settings = OrgSettings::default();
+    let mut ctx = support::context(org, &settings);
+    ctx.lease_on_create = Some(ACK);
+    db::jobs::create_jobs(conn, &ctx, &[new], None)
+        .await
+        .expect("create")
+}
+
+async fn online_agent(conn: &mut db::PgConn, org: &str, capacity: i32, labels: &str) -> uuid::Uuid {
+    let id = uuid::Uuid::new_v4();
+    support::exec(
+        conn,
+        &format!(
+            "INSERT INTO agents (id, org_id, name, capacity, labels, status) \
+             VALUES ('{id}', '{org}', 'agent-{id}', {capacity}, '{labels}', 'online')"
+        ),
+    )
+    .await;
+    id
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_created_while_its_org_is_idle_is_leased_with_its_create() {
+    let test_db = TestDb::new().await;
+    let mut conn = test_db.conn().await;
+    let org = acme(&mut conn).await;
+    let agent = online_agent(&mut conn, "acme", 1, "{}").await;
+
+    let first = create_leasing(&mut conn, &org, job("echo first")).await;
+
+    let [lease] = first.leased.as_slice() else {
+        panic!("one lease: {:?}", first.leased);
+    };
+    let job_id = first.jobs[0].job_id();
+    assert_eq!(
+        (lease.job_id, lease.agent_id, lease.epoch),
+        (job_id.as_uuid(), agent, 1)
+    );
+    let stored = reload(&mut conn, job_id).await;
+    assert_eq!(stored.status(), JobStatus::Leased);
+    assert_eq!((stored.agent_id, stored.lease_epoch), (Some(agent), 1));
+
+    // The agent's only slot is taken: the next job waits for the scheduler.
+    let second = create_leasing(&mut conn, &org, job("echo second")).await;
+    assert!(second.leased.is_empty(), "{:?}", second.leased);
+    let waiting = reload(&mut conn, second.jobs[0].job_id()).await;
+    assert_eq!(waiting.status(), JobStatus::Queued);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_create_leaves_its_job_to_the_scheduler_unless_the_org_is_idle() {
+    let test_db = TestDb::new().await;
+    let mut conn = test_db.conn().await;
+    let org = acme(&mut conn).await;
+    online_agent(&mut conn, "acme", 5, "{}").await;
+
+    // No online agent has the label: nothing to lease it to.
+    let mut gpu = job("train");
+    gpu.required_labels = Labels::new(vec!["gpu".to_owned()]);
+    let unplaceable = create_leasing(&mut conn, &org, gpu).await;
+    assert!(unplaceable.leased.is_empty());
+
+    // Another job of the org is ready, so this one queues behind it even
+    // though an agent is free: order is the scheduler's to keep.
+    let behind = create_leasing(&mut conn, &org, job("echo behind")).await;
+    assert!(behind.leased.is_empty());
+    assert_eq!(
+        reload(&mut conn, behind.jobs[0].job_id()).await.status(),
+        JobStatus::Queued
+    );
+
+    // In an idle org: a job due later, and a create that does not ask.
+    let other = support::org(&mut conn, "globex").await;
+    online_agent(&mut conn, "globex", 5, "{}").await;
+    let mut later = job("later");
+    later.run_at = Some(chrono::Utc::now() + chrono::Duration::hours(1));
+    assert!(
+        create_leasing(&mut conn, &other, later)
+            .await
+            .leased
+            .is_empty()
+    );
+    let unasked = support::create_one(&mut conn, &other, job("echo unasked")).await;
+    assert_eq!(
+        reload(&mut conn, unasked.job_id()).await.status(),
+        JobStatus::Queued
+    );
+}
+
+/// Holds `org`'s dispatch lock on another connection until dropped.
+async fn hold_dispatch_lock(test_db: &TestDb, org: &str) -> db::PooledConn {
+    let mut holder = test_db.conn().await;
+    support::exec(&mut holder, "BEGIN").await;
+    support::exec(
+        &mut holder,
+        &format!(
+            "SELECT pg_advisory_xact_lock({}, hashtext('{org}'))",
+            0x5359_4450
+        ),
+    )
+    .await;
+    holder
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn while_a_dispatch_holds_the_org_lock_a_create_does_not_lease_and_the_scheduler_retries() {
+    let test_db = TestDb::new().await;
+    let mut conn = test_db.conn().await;
+    let org = acme(&mut conn).await;
+    online_agent(&mut conn, "acme", 5, "{}").await;
+    let mut holder = hold_dispatch_lock(&test_db, "acme").await;
+
+    let created = create_leasing(&mut conn, &org, job("echo wait")).await;
+    assert!(created.leased.is_empty(), "the lock is held elsewhere");
+    let meanwhile = dispatch_org(&mut conn, &org, &DispatchSettings::default())
+        .await
+        .expect("dispatch");
+    assert!(meanwhile.contended && meanwhile.granted.is_empty());
+
+    support::exec(&mut holder, "COMMIT").await;
+    let after = dispatch_org(&mut conn, &org, &DispatchSettings::default())
+        .await
+        .expect("dispatch");
+    assert!(!after.contended);
+    assert_eq!(
+        after.granted.iter().map(|g| g.job_id).collect::<Vec<_>>(),
+        vec![created.jobs[0].id]
+    );
+}
