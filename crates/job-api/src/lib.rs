@@ -98,6 +98,7 @@ pub async fn run(
         verifier,
         config.cancel_grace,
         config.lease_on_create,
+        foundation.ops.registry(),
     )));
     let openapi = ApiDoc::openapi();
     let origins = config.cors_origins.clone();

@@ -19,6 +19,8 @@ pub struct AppState {
     pub cancel_grace: Duration,
     /// See [`crate::Config::lease_on_create`].
     pub lease_on_create: Option<Duration>,
+    /// Leases granted on create (the scheduler counts its own).
+    pub leases_on_create: prometheus::IntCounter,
     /// Orgs whose row is known to exist (created on first use).
     known_orgs: Mutex<HashSet<OrgId>>,
     /// Org settings as last read, for creates: a create checks inside its
@@ -38,13 +40,23 @@ impl AppState {
         verifier: auth::Verifier,
         cancel_grace: Duration,
         lease_on_create: Option<Duration>,
+        registry: &prometheus::Registry,
     ) -> Self {
+        let leases_on_create = prometheus::IntCounter::new(
+            "job_api_leases_on_create_total",
+            "Jobs leased by their own create (the org was idle)",
+        )
+        .expect("metric");
+        if let Err(error) = registry.register(Box::new(leases_on_create.clone())) {
+            tracing::warn!(error = %error, "metric not registered");
+        }
         Self {
             db,
             bus,
             verifier,
             cancel_grace,
             lease_on_create,
+            leases_on_create,
             known_orgs: Mutex::new(HashSet::new()),
             settings: Mutex::new(HashMap::new()),
         }

@@ -62,6 +62,37 @@ async fn a_job_created_while_its_org_is_idle_is_leased_with_its_create() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_idempotent_create_leases_its_job_too_but_a_replay_does_not() {
+    let test_db = TestDb::new().await;
+    let mut conn = test_db.conn().await;
+    let org = acme(&mut conn).await;
+    online_agent(&mut conn, "acme", 2, "{}").await;
+    let settings = OrgSettings::default();
+    let mut ctx = support::context(&org, &settings);
+    ctx.lease_on_create = Some(ACK);
+    let create = async |conn: &mut db::PgConn| {
+        let idempotency = db::jobs::Idempotency {
+            key: "once",
+            request_hash: vec![1],
+        };
+        db::jobs::create_jobs(conn, &ctx, &[job("echo once")], Some(idempotency))
+            .await
+            .expect("create")
+    };
+
+    let first = create(&mut conn).await;
+    let replay = create(&mut conn).await;
+
+    assert_eq!(first.leased.len(), 1);
+    assert!(replay.replayed && replay.leased.is_empty());
+    let stored = reload(&mut conn, first.jobs[0].job_id()).await;
+    assert_eq!(
+        (stored.status(), stored.lease_epoch),
+        (JobStatus::Leased, 1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_create_leaves_its_job_to_the_scheduler_unless_the_org_is_idle() {
     let test_db = TestDb::new().await;
     let mut conn = test_db.conn().await;

@@ -238,7 +238,18 @@ async fn announce_created(
     }));
     let mut messages = state.messages(org, messages, request_id, trace.clone());
     if !leased.is_empty() {
-        let offers = leased.iter().map(|lease| lease.offer(trace.clone()));
+        state.leases_on_create.inc_by(leased.len() as u64);
+        // Each offer in its own span under the request's, as the
+        // scheduler's offers are under their dispatch.
+        let offers = leased.iter().map(|lease| {
+            let span = tracing::info_span!(
+                "offer",
+                job.id = %lease.job_id,
+                job.epoch = lease.epoch,
+                agent.id = %lease.agent_id
+            );
+            lease.offer(telemetry::trace_context_of(&span))
+        });
         let offers = bus::offer_messages(org, offers.collect(), trace);
         // Offers first: they are what the agents wait for.
         messages.splice(0..0, offers);

@@ -1,7 +1,8 @@
 //! One job's life is one trace: a REST request with a `traceparent` header
 //! creates a job, and the trace id is followed hop by hop, with a real
 //! (in-memory) OpenTelemetry tracer and every service in-process: job-api's
-//! request span and the `JobCreated` envelope → the scheduler's offer span
+//! request span and the `JobCreated` envelope → the offer span (job-api's,
+//! for a job leased on create; the scheduler's otherwise)
 //! and `AssignmentOffered` envelope → the gateway's assignment span → the
 //! agent's job span (which only the `Assignment` message can have given it)
 //! → the gateway's spans for the agent's log and result messages and the
@@ -35,6 +36,8 @@ use support::*;
 const SECRET: &str = "trace-test-secret";
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+const LATER_TRACE_ID: &str = "0af7651916cd43dd8448eb211c80319c";
+const LATER_TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
 
 fn trace_id_of(envelope: &Envelope) -> Option<&str> {
     envelope
@@ -205,7 +208,8 @@ async fn a_jobs_trace_follows_it_from_the_rest_request_to_the_websocket() {
         "traceparent stored on the job"
     );
 
-    // Hop 2: the scheduler's offer continues it.
+    // Hop 2: the offer continues it (job-api's: the org was idle, so the
+    // create leased the job itself).
     let offered = first(
         &mut offers,
         "AssignmentOffered",
@@ -299,6 +303,39 @@ async fn a_jobs_trace_follows_it_from_the_rest_request_to_the_websocket() {
             .any(|s| attribute(s, "event").as_deref() == Some("log_lines_appended")),
         "the broadcaster's fan-out of the lines is in the trace"
     );
+
+    // A job due later is not leased by its create but by the scheduler,
+    // whose offer continues the trace stored on the job.
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/orgs/acme/jobs", api.url()))
+        .bearer_auth(&member)
+        .header("traceparent", LATER_TRACEPARENT)
+        .json(&serde_json::json!({
+            "command": "echo later",
+            "run_at": chrono::Utc::now() + chrono::Duration::milliseconds(300),
+        }))
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(response.status(), reqwest::StatusCode::CREATED);
+    let later: serde_json::Value = response.json().await.expect("job");
+    let later: domain::JobId = later["id"].as_str().expect("id").parse().expect("uuid");
+    let offered = first(
+        &mut offers,
+        "AssignmentOffered of the later job",
+        |e| matches!(e.event, Event::AssignmentOffered { job_id: id, .. } if id == later),
+    )
+    .await;
+    assert_eq!(trace_id_of(&offered), Some(LATER_TRACE_ID));
+    eventually(
+        "the scheduler's offer span is in the later job's trace",
+        WAIT,
+        || {
+            let spans = telemetry::testing::spans_of(&exporter, LATER_TRACE_ID);
+            std::future::ready(spans.iter().any(|s| s.name == "offer"))
+        },
+    )
+    .await;
 
     drain.cancel();
     let _ = tokio::time::timeout(WAIT, agent_task).await;
