@@ -6,7 +6,9 @@
 #   job-api: request in -> first statement out; its statements until COMMIT is answered;
 #   COMMIT answered -> wake-up published; Redis -> scheduler; scheduler: wake-up in -> first
 #   statement out; its statements until COMMIT is answered; COMMIT answered -> offer published;
-#   Redis -> gateway; gateway: offer in -> assignment written to the agent's stream.
+#   Redis -> gateway; gateway: offer in -> assignment written to the agent's stream. A job its
+#   create leased (JOB_API_LEASE_ON_CREATE) goes from job-api's COMMIT straight to its offer;
+#   each path gets its own table.
 # Needs tcpdump (installed with apt-get when missing and run as root) and python3; the release
 # binaries are used as they are when BENCH_SKIP_BUILD=1. LAT_N sets the number of jobs (200).
 # Usage: scripts/idle-timeline.sh [pcap file to analyse instead of measuring]
@@ -61,7 +63,7 @@ def commit_answer(port, after, within):
     # PostgreSQL answers COMMIT with the command tag "COMMIT".
     return first(after, lambda p: p[1] == pg and p[2] == port and "COMMIT" in p[4], within)
 
-hops = {}
+paths = {}  # path name -> hop name -> durations
 for i, request in enumerate(packets):
     if request[2] != api or "POST /v1/orgs/" not in request[4]:
         continue
@@ -70,11 +72,17 @@ for i, request in enumerate(packets):
     try:
         api_first = first(t0, lambda p: p[2] == pg, window)
         api_commit = commit_answer(api_first[1], t0, window)
-        wake = first(api_commit[0], lambda p: p[2] == redis, window)
-        wake_in = first(wake[0], lambda p: p[1] == redis and p[2] != wake[1], window)
-        sched_first = first(wake_in[0], lambda p: p[2] == pg and p[1] != api_first[1], window)
-        sched_commit = commit_answer(sched_first[1], sched_first[0], window)
-        offer = first(sched_commit[0], lambda p: p[2] == redis, window)
+        published = first(api_commit[0], lambda p: p[2] == redis, window)
+        if "scheduler:wake" in published[4]:
+            path = "through the scheduler"
+            wake = published
+            wake_in = first(wake[0], lambda p: p[1] == redis and p[2] != wake[1], window)
+            sched_first = first(wake_in[0], lambda p: p[2] == pg and p[1] != api_first[1], window)
+            sched_commit = commit_answer(sched_first[1], sched_first[0], window)
+            offer = first(sched_commit[0], lambda p: p[2] == redis, window)
+        else:
+            path = "leased on create"
+            offer = published
         offer_in = first(offer[0], lambda p: p[1] == redis and p[2] != offer[1], window)
         assignment = first(offer_in[0], lambda p: p[1] == grpc, window)
     except LookupError:
@@ -82,25 +90,33 @@ for i, request in enumerate(packets):
     marks = [
         ("job-api: request in -> first statement out", t0, api_first),
         ("job-api: statements, COMMIT answered", api_first[0], api_commit),
-        ("job-api: COMMIT -> wake-up published", api_commit[0], wake),
-        ("Redis: wake-up -> scheduler", wake[0], wake_in),
-        ("scheduler: wake-up -> first statement out", wake_in[0], sched_first),
-        ("scheduler: statements, COMMIT answered", sched_first[0], sched_commit),
-        ("scheduler: COMMIT -> offer published", sched_commit[0], offer),
+    ]
+    if path == "through the scheduler":
+        marks += [
+            ("job-api: COMMIT -> wake-up published", api_commit[0], wake),
+            ("Redis: wake-up -> scheduler", wake[0], wake_in),
+            ("scheduler: wake-up -> first statement out", wake_in[0], sched_first),
+            ("scheduler: statements, COMMIT answered", sched_first[0], sched_commit),
+            ("scheduler: COMMIT -> offer published", sched_commit[0], offer),
+        ]
+    else:
+        marks += [("job-api: COMMIT -> offer published", api_commit[0], offer)]
+    marks += [
         ("Redis: offer -> gateway", offer[0], offer_in),
         ("gateway: offer -> assignment written", offer_in[0], assignment),
         ("total: request in -> assignment written", t0, assignment),
     ]
+    hops = paths.setdefault(path, {})
     for name, start, end in marks:
         hops.setdefault(name, []).append((end[0] - start) * 1000)
-
-if not hops:
+if not paths:
     sys.exit("idle-timeline: no complete job path found in the capture")
 def p90(values):
     return sorted(values)[int(0.9 * (len(values) - 1))]
-n = len(next(iter(hops.values())))
-print(f"| hop ({n} jobs) | p50 ms | p90 ms |")
-print("|---|---|---|")
-for name, values in hops.items():
-    print(f"| {name} | {statistics.median(values):.3f} | {p90(values):.3f} |")
+for path, hops in paths.items():
+    n = len(next(iter(hops.values())))
+    print(f"\n| hop, {path} ({n} jobs) | p50 ms | p90 ms |")
+    print("|---|---|---|")
+    for name, values in hops.items():
+        print(f"| {name} | {statistics.median(values):.3f} | {p90(values):.3f} |")
 '
