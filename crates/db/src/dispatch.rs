@@ -98,6 +98,28 @@ impl Granted {
         crate::jobs::stored_trace(self.traceparent.as_deref(), self.tracestate.as_deref())
     }
 
+    /// The lease of a job its create inserted leased.
+    pub(crate) fn of_created(job: &crate::jobs::Job) -> Self {
+        Self {
+            job_id: job.id,
+            agent_id: job.agent_id.unwrap_or_default(),
+            org_id: job.org_id.clone(),
+            epoch: job.lease_epoch,
+            attempt: job.app_failures + job.infra_failures + 1,
+            lease_expires_at: job.lease_expires_at.unwrap_or(job.created_at),
+            queued_at: job.queued_at,
+            traceparent: job.traceparent.clone(),
+            tracestate: job.tracestate.clone(),
+            queue: job.queue.clone(),
+            payload: job.payload.clone(),
+            metadata: job.metadata.clone(),
+            required_labels: job.required_labels.clone(),
+            run_timeout_ms: job.run_timeout_ms,
+            repository_id: job.repository_id,
+            deadline_at: job.deadline_at,
+        }
+    }
+
     /// The lease as its agent's offer, continuing `trace`.
     pub fn offer(
         &self,
@@ -437,31 +459,59 @@ where
         let Some(key) = keys.get(&JobId(lease.job_id)) else {
             continue;
         };
-        let taken = held.entry(key.clone()).or_default();
-        let used: HashSet<i32> = taken.iter().copied().collect();
-        let free = (0..).find(|n| !used.contains(n)).unwrap_or(0);
-        taken.push(free);
+        let free = free_slot(&held, key);
+        held.entry(key.clone()).or_default().push(free);
         slot_jobs.push(lease.job_id);
         slot_keys.push(key.clone());
         slot_numbers.push(free);
         slot_epochs.push(lease.epoch);
     }
     if !slot_jobs.is_empty() {
-        diesel::sql_query(
-            "INSERT INTO concurrency_slots (org_id, key, slot, job_id, epoch) \
-             SELECT $1, s.key, s.slot, s.job, s.epoch \
-             FROM unnest($2::text[], $3::int4[], $4::uuid[], $5::int8[]) AS s(key, slot, job, epoch)",
+        take_slots(
+            conn,
+            org,
+            &slot_keys,
+            &slot_numbers,
+            &slot_jobs,
+            &slot_epochs,
         )
-        .bind::<Text, _>(org.as_str())
-        .bind::<Array<Text>, _>(&slot_keys)
-        .bind::<Array<Int4>, _>(&slot_numbers)
-        .bind::<Array<SqlUuid>, _>(&slot_jobs)
-        .bind::<Array<BigInt>, _>(&slot_epochs)
-        .cached()
-        .execute(conn)
         .await?;
     }
     Ok(granted)
+}
+
+/// The lowest slot number of `key` that `held` does not hold.
+fn free_slot(held: &HashMap<String, Vec<i32>>, key: &str) -> i32 {
+    let used: HashSet<i32> = held.get(key).into_iter().flatten().copied().collect();
+    (0..).find(|n| !used.contains(n)).unwrap_or(0)
+}
+
+/// Records that each leased job holds its concurrency key's slot.
+pub(crate) async fn take_slots<C>(
+    conn: &mut C,
+    org: &OrgId,
+    keys: &[String],
+    slots: &[i32],
+    jobs: &[Uuid],
+    epochs: &[i64],
+) -> DbResult<()>
+where
+    C: AsyncConnectionCore<Backend = Pg> + Send,
+{
+    diesel::sql_query(
+        "INSERT INTO concurrency_slots (org_id, key, slot, job_id, epoch) \
+         SELECT $1, s.key, s.slot, s.job, s.epoch \
+         FROM unnest($2::text[], $3::int4[], $4::uuid[], $5::int8[]) AS s(key, slot, job, epoch)",
+    )
+    .bind::<Text, _>(org.as_str())
+    .bind::<Array<Text>, _>(keys)
+    .bind::<Array<Int4>, _>(slots)
+    .bind::<Array<SqlUuid>, _>(jobs)
+    .bind::<Array<BigInt>, _>(epochs)
+    .cached()
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 #[derive(QueryableByName)]
@@ -579,33 +629,40 @@ pub async fn dispatch_org(
     .await
 }
 
-/// Leases `job`, a job being created in this transaction (call it after
-/// the insert, on the same connection), when nothing else of its org is
-/// ready and no dispatch of the org is running: an idle org's job then goes
-/// out with its create's commit, without the scheduler's round of wake-up,
-/// reads and commit. Otherwise (and when no online agent can take it) it
-/// returns nothing and the job waits for the scheduler as any other.
+/// Where a job about to be created can be leased at once: the agent, and
+/// the slot of its concurrency key it would hold.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Placement {
+    pub agent: AgentId,
+    pub slot: Option<(String, i32)>,
+}
+
+/// Places `job`, a job about to be inserted in this transaction, when
+/// nothing else of its org is ready and no dispatch of the org is running:
+/// the caller then inserts it already leased, so an idle org's job goes out
+/// with its create's commit, without the scheduler's round of wake-up,
+/// reads, lease and commit. Otherwise (and when no online agent can take
+/// it) it returns `None` and the job is inserted queued for the scheduler.
 ///
-/// It takes the org's dispatch lock, so it never overfills an agent or a
-/// limit any more than the scheduler does; a scheduler that finds the lock
-/// taken tries again shortly (see [`Dispatched::contended`]). The gate, the
-/// agents and the limits go out in one round trip behind the insert.
-pub async fn lease_created(
+/// It takes the org's dispatch lock, held until the create commits, so it
+/// never overfills an agent or a limit any more than the scheduler does; a
+/// scheduler that finds the lock taken tries again shortly (see
+/// [`Dispatched::contended`]). The gate, the agents and the limits go out
+/// in one round trip.
+pub async fn place_created(
     shared: &AsyncPgConnection,
     org: &OrgId,
     job: Candidate,
-    ack_timeout: Duration,
-) -> DbResult<Vec<Granted>> {
+) -> DbResult<Option<Placement>> {
     let (mut for_gate, mut for_agents, mut for_limits) = (shared, shared, shared);
     let gate = diesel::sql_query(format!(
         "SELECT CASE WHEN EXISTS (SELECT 1 FROM jobs WHERE org_id = $2 AND status = 'queued' \
-                                  AND run_at <= now() AND id <> $3) \
+                                  AND run_at <= now()) \
                 THEN false ELSE pg_try_advisory_xact_lock($1, hashtext($2)) END AS locked \
          FROM {DISPATCH_PLANNING}"
     ))
     .bind::<Int4, _>(DISPATCH_LOCK_NAMESPACE)
     .bind::<Text, _>(org.as_str())
-    .bind::<SqlUuid, _>(job.job_id.as_uuid())
     .cached()
     .get_result::<Locked>(&mut for_gate);
     let (gate, agents, (limits, held)) = futures_util::try_join!(
@@ -614,27 +671,18 @@ pub async fn lease_created(
         limits(&mut for_limits, org),
     )?;
     if !gate.locked || agents.is_empty() {
-        return Ok(Vec::new());
+        return Ok(None);
     }
     let ready = [job];
-    let placement = plan(&ready, &agents, &limits, 1);
-    if placement.assignments.is_empty() {
-        return Ok(Vec::new());
-    }
+    let placed = plan(&ready, &agents, &limits, 1).assignments;
+    // (`<[_]>::first`: diesel's prelude has a `first` of its own.)
+    let Some(&(_, agent)) = <[_]>::first(&placed) else {
+        return Ok(None);
+    };
     let [job] = ready;
-    let keys: HashMap<JobId, String> = job
-        .concurrency_key
-        .map(|key| (job.job_id, key))
-        .into_iter()
-        .collect();
-    let mut conn = shared;
-    lease_batch(
-        &mut conn,
-        org,
-        &placement.assignments,
-        &keys,
-        held,
-        ack_timeout,
-    )
-    .await
+    let slot = job.concurrency_key.map(|key| {
+        let slot = free_slot(&held, &key);
+        (key, slot)
+    });
+    Ok(Some(Placement { agent, slot }))
 }

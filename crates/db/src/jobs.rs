@@ -139,6 +139,11 @@ struct NewJobRow<'a> {
     run_timeout_ms: Option<i64>,
     deadline_at: Option<DateTime<Utc>>,
     run_at: DateTime<Utc>,
+    // Set when the job is leased by its create (see `create_rows`).
+    lease_epoch: i64,
+    agent_id: Option<Uuid>,
+    leased_at: Option<DateTime<Utc>>,
+    lease_expires_at: Option<DateTime<Utc>>,
     created_by: Option<&'a str>,
     request_id: Option<&'a str>,
     created_at: DateTime<Utc>,
@@ -228,6 +233,10 @@ pub async fn create_jobs(
             run_timeout_ms: job.timeouts.run_timeout_ms.map(|ms| ms as i64),
             deadline_at: job.deadline_at(now),
             run_at: job.run_at.unwrap_or(now).max(now),
+            lease_epoch: 0,
+            agent_id: None,
+            leased_at: None,
+            lease_expires_at: None,
             created_by: ctx.created_by,
             request_id: ctx.request_id,
             created_at: now,
@@ -244,15 +253,9 @@ pub async fn create_jobs(
         // repositories are checked first: one never changes org, and one
         // deleted meanwhile fails the insert's foreign key.
         check_repositories(conn, org_id, &rows).await?;
-        let mut pipeline = conn.pipeline();
         let shared = conn.pipeline();
         let (jobs, leased) = conn
-            .pipelined_transaction(async {
-                futures_util::try_join!(
-                    insert_with_audit(&mut pipeline, ctx, &rows),
-                    lease_on_create(shared, ctx, &rows)
-                )
-            })
+            .pipelined_transaction(create_rows(shared, ctx, rows))
             .await?;
         return Ok(Created {
             jobs,
@@ -293,12 +296,7 @@ pub async fn create_jobs(
             });
         }
         check_repositories(conn, org_id, &rows).await?;
-        let mut pipeline = conn.pipeline();
-        let shared = conn.pipeline();
-        let (jobs, leased) = futures_util::try_join!(
-            insert_with_audit(&mut pipeline, ctx, &rows),
-            lease_on_create(shared, ctx, &rows)
-        )?;
+        let (jobs, leased) = create_rows(conn.pipeline(), ctx, rows).await?;
         Ok(Created {
             jobs,
             replayed: false,
@@ -308,19 +306,86 @@ pub async fn create_jobs(
     .await
 }
 
-/// Leases the job of a single-job create that is due at once, if its org
-/// is idle (see [`crate::dispatch::lease_created`]); issue it after the
-/// insert, on the same connection.
-async fn lease_on_create(
+/// Inserts the rows with their audit event (call inside a transaction).
+/// A single job due at once is inserted already leased when its org is idle
+/// and an agent has room (see [`crate::dispatch::place_created`]); the
+/// lease is returned for its offer.
+async fn create_rows(
     conn: &AsyncPgConnection,
     ctx: &CreateContext<'_>,
+    mut rows: Vec<NewJobRow<'_>>,
+) -> DbResult<(Vec<Job>, Vec<crate::dispatch::Granted>)> {
+    let mut pipeline = conn;
+    let Some((candidate, ack_timeout)) = leasable(ctx, &rows) else {
+        return Ok((
+            insert_with_audit(&mut pipeline, ctx, &rows, true).await?,
+            Vec::new(),
+        ));
+    };
+    // The settings are checked in the placement's round trip, before the
+    // row is written either way.
+    let unchanged = settings_check(conn, ctx);
+    let (unchanged, placement) = futures_util::try_join!(
+        unchanged,
+        crate::dispatch::place_created(conn, ctx.org, candidate)
+    )?;
+    if !unchanged {
+        return Err(DbError::StaleSettings);
+    }
+    let Some(placement) = placement else {
+        return Ok((
+            insert_with_audit(&mut pipeline, ctx, &rows, false).await?,
+            Vec::new(),
+        ));
+    };
+    let row = &mut rows[0];
+    row.status = JobStatus::Leased.as_str();
+    row.lease_epoch = 1;
+    row.agent_id = Some(placement.agent.as_uuid());
+    row.leased_at = Some(row.created_at);
+    // The client's clock, as for `created_at`; the sweep compares with the
+    // server's, so skew between them shortens or lengthens the ack time.
+    row.lease_expires_at = Some(
+        row.created_at + chrono::Duration::from_std(ack_timeout).unwrap_or(chrono::Duration::MAX),
+    );
+    let job_id = row.id;
+    let mut for_slot = conn;
+    let inserted = insert_with_audit(&mut pipeline, ctx, &rows, false);
+    let slot = async {
+        match &placement.slot {
+            Some((key, slot)) => {
+                crate::dispatch::take_slots(
+                    &mut for_slot,
+                    ctx.org,
+                    std::slice::from_ref(key),
+                    &[*slot],
+                    &[job_id],
+                    &[1],
+                )
+                .await
+            }
+            None => Ok(()),
+        }
+    };
+    let (jobs, ()) = futures_util::try_join!(inserted, slot)?;
+    let leased = jobs
+        .iter()
+        .map(crate::dispatch::Granted::of_created)
+        .collect();
+    Ok((jobs, leased))
+}
+
+/// A single-job create that is due at once and may be leased by its
+/// create: the job as a dispatch candidate, and the ack timeout.
+fn leasable(
+    ctx: &CreateContext<'_>,
     rows: &[NewJobRow<'_>],
-) -> DbResult<Vec<crate::dispatch::Granted>> {
+) -> Option<(domain::scheduling::Candidate, std::time::Duration)> {
     let (Some(ack_timeout), [row]) = (ctx.lease_on_create, rows) else {
-        return Ok(Vec::new());
+        return None;
     };
     if row.status != JobStatus::Queued.as_str() || row.run_at > row.created_at {
-        return Ok(Vec::new());
+        return None;
     }
     let candidate = domain::scheduling::Candidate {
         job_id: JobId(row.id),
@@ -333,7 +398,22 @@ async fn lease_on_create(
         concurrency_key: row.concurrency_key.map(str::to_owned),
         concurrency_limit: row.concurrency_limit.unwrap_or(1).max(1) as u32,
     };
-    crate::dispatch::lease_created(conn, ctx.org, candidate, ack_timeout).await
+    Some((candidate, ack_timeout))
+}
+
+/// Whether the cached settings the create was made with are still current
+/// (always, when they were read in this transaction). The statement is
+/// built here, before the future is polled.
+fn settings_check<'a>(
+    conn: &'a AsyncPgConnection,
+    ctx: &'a CreateContext<'a>,
+) -> futures_util::future::BoxFuture<'a, DbResult<bool>> {
+    match ctx.settings_version {
+        crate::orgs::SettingsVersion::Cached(updated_at) => {
+            crate::orgs::settings_unchanged(conn, ctx.org, updated_at).boxed()
+        }
+        crate::orgs::SettingsVersion::Current => futures_util::future::ready(Ok(true)).boxed(),
+    }
 }
 
 /// Refuses repositories that are not the org's.
@@ -373,18 +453,15 @@ fn insert_with_audit<'a>(
     conn: &'a mut &'a AsyncPgConnection,
     ctx: &'a CreateContext<'a>,
     rows: &'a [NewJobRow<'a>],
+    check_settings: bool,
 ) -> impl Future<Output = DbResult<Vec<Job>>> + 'a {
     // A one-row insert is a statement of fixed text, so diesel keeps it
     // prepared (one round trip, no parse); a batch's text grows with its
     // length. Chunks stay well under PostgreSQL's 65,535 bind parameters.
     let shared: &'a AsyncPgConnection = conn;
-    // Cached settings are checked first, in the same pipeline.
-    let unchanged = match ctx.settings_version {
-        crate::orgs::SettingsVersion::Cached(updated_at) => {
-            Some(crate::orgs::settings_unchanged(shared, ctx.org, updated_at))
-        }
-        crate::orgs::SettingsVersion::Current => None,
-    };
+    // Cached settings are checked first, in the same pipeline (unless the
+    // caller has).
+    let unchanged = check_settings.then(|| settings_check(shared, ctx));
     let inserts: Vec<_> = rows
         .chunks(500)
         .map(|chunk| {

@@ -172,3 +172,30 @@ async fn while_a_dispatch_holds_the_org_lock_a_create_does_not_lease_and_the_sch
         vec![created.jobs[0].id]
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_leased_by_its_create_holds_its_concurrency_slot() {
+    let test_db = TestDb::new().await;
+    let mut conn = test_db.conn().await;
+    let org = acme(&mut conn).await;
+    online_agent(&mut conn, "acme", 5, "{}").await;
+
+    let first = create_leasing(&mut conn, &org, support::with_key(job("deploy"), "prod", 1)).await;
+    assert_eq!(first.leased.len(), 1);
+    let (limits, held) = db::dispatch::limits(&mut conn, &org).await.expect("limits");
+    assert_eq!(held.get("prod"), Some(&vec![0]), "{limits:?}");
+
+    // The key's only slot is held: the next job with it is not leased,
+    // although the agent has room and nothing else is ready.
+    let second = create_leasing(
+        &mut conn,
+        &org,
+        support::with_key(job("deploy 2"), "prod", 1),
+    )
+    .await;
+    assert!(second.leased.is_empty());
+    assert_eq!(
+        reload(&mut conn, second.jobs[0].job_id()).await.status(),
+        JobStatus::Queued
+    );
+}

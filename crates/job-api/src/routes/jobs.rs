@@ -105,6 +105,7 @@ async fn create(
     idem: Option<Idempotency<'_>>,
     batch: bool,
 ) -> ApiResult<(Vec<db::jobs::Job>, bool)> {
+    let lease_on_create = state.lease_on_create(&caller.org);
     let mut conn = state.db.conn().await?;
     // An idempotent create reads the settings. Otherwise they come from the
     // cache, saving a round trip on every create; the insert checks them in
@@ -123,6 +124,7 @@ async fn create(
             batch,
             &cached.settings,
             version,
+            lease_on_create,
         )
         .await?
         {
@@ -139,6 +141,7 @@ async fn create(
         batch,
         &settings,
         SettingsVersion::Current,
+        lease_on_create,
     )
     .await?
     .ok_or_else(|| ApiError::Internal("settings read for this create were stale".to_owned()))
@@ -154,6 +157,7 @@ async fn create_with(
     batch: bool,
     settings: &OrgSettings,
     settings_version: SettingsVersion,
+    lease_on_create: Option<std::time::Duration>,
 ) -> ApiResult<Option<(Vec<db::jobs::Job>, bool)>> {
     let mut jobs = Vec::with_capacity(requests.len());
     let mut errors = Vec::new();
@@ -181,7 +185,7 @@ async fn create_with(
         created_by: Some(&actor),
         request_id: caller.request_id(),
         trace: trace.as_ref(),
-        lease_on_create: state.lease_on_create,
+        lease_on_create,
     };
     // Checks the repositories and records the audit event in the same
     // transaction as the jobs.
