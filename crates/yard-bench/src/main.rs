@@ -258,8 +258,15 @@ async fn main() -> anyhow::Result<()> {
             }
             "latency" => {
                 let l = scenarios::idle(&ctx, &sizes, &mut report).await?;
+                // The services this run started read the same environment:
+                // an idle job is leased by job-api's create, or else by the
+                // scheduler.
+                let path = match std::env::var("JOB_API_LEASE_ON_CREATE").as_deref() {
+                    Ok("false" | "0" | "no" | "off") => "rest-scheduler-grpc",
+                    _ => "rest-jobapi-grpc",
+                };
                 println!(
-                    "RESULT peer=switchyard@{version} workload=idle-latency p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} max_ms={:.2} mean_ms={:.2} n={} path=rest-scheduler-grpc",
+                    "RESULT peer=switchyard@{version} workload=idle-latency p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} max_ms={:.2} mean_ms={:.2} n={} path={path}",
                     l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms, l.mean_ms, l.n
                 );
             }
