@@ -162,7 +162,7 @@ pub struct CreateContext<'a> {
     /// The creating request's trace: the jobs' dispatch and run continue it.
     pub trace: Option<&'a domain::events::TraceContext>,
     /// Lease a single due job in its own transaction when its org is idle
-    /// (see [`crate::dispatch::lease_created`]), with this time to
+    /// (see [`crate::dispatch::place_created`]), with this time to
     /// acknowledge; `None` leaves every job to the scheduler.
     pub lease_on_create: Option<std::time::Duration>,
 }
@@ -346,7 +346,10 @@ async fn create_rows(
     // The client's clock, as for `created_at`; the sweep compares with the
     // server's, so skew between them shortens or lengthens the ack time.
     row.lease_expires_at = Some(
-        row.created_at + chrono::Duration::from_std(ack_timeout).unwrap_or(chrono::Duration::MAX),
+        chrono::Duration::from_std(ack_timeout)
+            .ok()
+            .and_then(|ack| row.created_at.checked_add_signed(ack))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC),
     );
     let job_id = row.id;
     let mut for_slot = conn;
