@@ -132,37 +132,38 @@ async fn a_create_leaves_its_job_to_the_scheduler_unless_the_org_is_idle() {
     );
 }
 
-/// Holds `org`'s dispatch lock on another connection until dropped.
-async fn hold_dispatch_lock(test_db: &TestDb, org: &str) -> db::PooledConn {
-    let mut holder = test_db.conn().await;
-    support::exec(&mut holder, "BEGIN").await;
-    support::exec(
-        &mut holder,
-        &format!(
-            "SELECT pg_advisory_xact_lock({}, hashtext('{org}'))",
-            0x5359_4450
-        ),
-    )
-    .await;
-    holder
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn while_a_dispatch_holds_the_org_lock_a_create_does_not_lease_and_the_scheduler_retries() {
+    use diesel_async::AsyncConnection;
     let test_db = TestDb::new().await;
     let mut conn = test_db.conn().await;
     let org = acme(&mut conn).await;
     online_agent(&mut conn, "acme", 5, "{}").await;
-    let mut holder = hold_dispatch_lock(&test_db, "acme").await;
 
-    let created = create_leasing(&mut conn, &org, job("echo wait")).await;
-    assert!(created.leased.is_empty(), "the lock is held elsewhere");
-    let meanwhile = dispatch_org(&mut conn, &org, &DispatchSettings::default())
+    // Another transaction holds the org's dispatch lock meanwhile (a real
+    // transaction, so it also holds behind a transaction pooler).
+    let mut holder = test_db.conn().await;
+    let created = holder
+        .transaction(async |h| {
+            support::exec(
+                h,
+                &format!(
+                    "SELECT pg_advisory_xact_lock({}, hashtext('acme'))",
+                    0x5359_4450
+                ),
+            )
+            .await;
+            let created = create_leasing(&mut conn, &org, job("echo wait")).await;
+            assert!(created.leased.is_empty(), "the lock is held elsewhere");
+            let meanwhile = dispatch_org(&mut conn, &org, &DispatchSettings::default())
+                .await
+                .expect("dispatch");
+            assert!(meanwhile.contended && meanwhile.granted.is_empty());
+            Ok::<_, db::DbError>(created)
+        })
         .await
-        .expect("dispatch");
-    assert!(meanwhile.contended && meanwhile.granted.is_empty());
+        .expect("holder's transaction");
 
-    support::exec(&mut holder, "COMMIT").await;
     let after = dispatch_org(&mut conn, &org, &DispatchSettings::default())
         .await
         .expect("dispatch");
