@@ -326,7 +326,12 @@ async fn create_rows(
     // row is written either way.
     let unchanged = settings_check(conn, ctx);
     let (unchanged, placement) = futures_util::try_join!(
-        unchanged,
+        async {
+            match unchanged {
+                Some(check) => check.await,
+                None => Ok(true),
+            }
+        },
         crate::dispatch::place_created(conn, ctx.org, candidate)
     )?;
     if !unchanged {
@@ -404,18 +409,18 @@ fn leasable(
     Some((candidate, ack_timeout))
 }
 
-/// Whether the cached settings the create was made with are still current
-/// (always, when they were read in this transaction). The statement is
-/// built here, before the future is polled.
+/// Whether the cached settings the create was made with are still current;
+/// `None` when they were read in this transaction (nothing to check). The
+/// statement is built here, before the future is polled.
 fn settings_check<'a>(
     conn: &'a AsyncPgConnection,
     ctx: &'a CreateContext<'a>,
-) -> futures_util::future::BoxFuture<'a, DbResult<bool>> {
+) -> Option<impl Future<Output = DbResult<bool>> + 'a> {
     match ctx.settings_version {
         crate::orgs::SettingsVersion::Cached(updated_at) => {
-            crate::orgs::settings_unchanged(conn, ctx.org, updated_at).boxed()
+            Some(crate::orgs::settings_unchanged(conn, ctx.org, updated_at))
         }
-        crate::orgs::SettingsVersion::Current => futures_util::future::ready(Ok(true)).boxed(),
+        crate::orgs::SettingsVersion::Current => None,
     }
 }
 
@@ -464,7 +469,9 @@ fn insert_with_audit<'a>(
     let shared: &'a AsyncPgConnection = conn;
     // Cached settings are checked first, in the same pipeline (unless the
     // caller has).
-    let unchanged = check_settings.then(|| settings_check(shared, ctx));
+    let unchanged = check_settings
+        .then(|| settings_check(shared, ctx))
+        .flatten();
     let inserts: Vec<_> = rows
         .chunks(500)
         .map(|chunk| {

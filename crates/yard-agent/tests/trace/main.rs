@@ -64,6 +64,26 @@ where
     .unwrap_or_else(|_| panic!("no {what} envelope"))
 }
 
+/// Creates a job in `acme` through REST, in the trace `traceparent` names.
+async fn create_job(
+    api: &str,
+    token: &str,
+    traceparent: &str,
+    body: serde_json::Value,
+) -> domain::JobId {
+    let response = reqwest::Client::new()
+        .post(format!("{api}/v1/orgs/acme/jobs"))
+        .bearer_auth(token)
+        .header("traceparent", traceparent)
+        .json(&body)
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(response.status(), reqwest::StatusCode::CREATED);
+    let job: serde_json::Value = response.json().await.expect("job");
+    job["id"].as_str().expect("id").parse().expect("uuid")
+}
+
 fn span_names(spans: &[SpanData]) -> Vec<String> {
     let mut names: Vec<String> = spans.iter().map(|s| s.name.to_string()).collect();
     names.sort();
@@ -148,17 +168,13 @@ async fn a_jobs_trace_follows_it_from_the_rest_request_to_the_websocket() {
         &[(OrgId::parse("acme").expect("org"), Role::Member)],
         Duration::from_secs(600),
     );
-    let response = reqwest::Client::new()
-        .post(format!("{}/v1/orgs/acme/jobs", api.url()))
-        .bearer_auth(&member)
-        .header("traceparent", TRACEPARENT)
-        .json(&serde_json::json!({"command": "sleep 1; echo traced; echo twice"}))
-        .send()
-        .await
-        .expect("create");
-    assert_eq!(response.status(), reqwest::StatusCode::CREATED);
-    let job: serde_json::Value = response.json().await.expect("job");
-    let job_id: domain::JobId = job["id"].as_str().expect("id").parse().expect("uuid");
+    let job_id = create_job(
+        &api.url(),
+        &member,
+        TRACEPARENT,
+        serde_json::json!({"command": "sleep 1; echo traced; echo twice"}),
+    )
+    .await;
 
     // A viewer of the job's logs, before the job prints anything.
     let mut viewer = {
@@ -306,20 +322,16 @@ async fn a_jobs_trace_follows_it_from_the_rest_request_to_the_websocket() {
 
     // A job due later is not leased by its create but by the scheduler,
     // whose offer continues the trace stored on the job.
-    let response = reqwest::Client::new()
-        .post(format!("{}/v1/orgs/acme/jobs", api.url()))
-        .bearer_auth(&member)
-        .header("traceparent", LATER_TRACEPARENT)
-        .json(&serde_json::json!({
+    let later = create_job(
+        &api.url(),
+        &member,
+        LATER_TRACEPARENT,
+        serde_json::json!({
             "command": "echo later",
             "run_at": chrono::Utc::now() + chrono::Duration::milliseconds(300),
-        }))
-        .send()
-        .await
-        .expect("create");
-    assert_eq!(response.status(), reqwest::StatusCode::CREATED);
-    let later: serde_json::Value = response.json().await.expect("job");
-    let later: domain::JobId = later["id"].as_str().expect("id").parse().expect("uuid");
+        }),
+    )
+    .await;
     let offered = first(
         &mut offers,
         "AssignmentOffered of the later job",
