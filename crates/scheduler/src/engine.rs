@@ -16,7 +16,7 @@ use domain::retry::InfraReason;
 use domain::{AgentId, JobId, OrgId};
 use futures_util::StreamExt;
 use prometheus::Registry;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -28,6 +28,9 @@ const SWEEP_BATCH: i64 = 500;
 /// How long to wait before dispatching an org again whose lock was held:
 /// about as long as a create that leases its own job holds it.
 const CONTENDED_RETRY: Duration = Duration::from_millis(2);
+/// How many dispatches' offers may be on their way to Redis while the
+/// next dispatch runs; a dispatch finding them all in flight waits.
+const OFFERS_IN_FLIGHT: u32 = 4;
 /// Idempotency keys are kept this long.
 const IDEMPOTENCY_KEY_HOURS: i64 = 24;
 
@@ -41,6 +44,8 @@ pub struct Engine {
     metrics: Metrics,
     /// When the queue-depth gauge was last recounted.
     depth_counted_at: Arc<Mutex<Option<Instant>>>,
+    /// Permits for publishing offers off the dispatch loop.
+    offers_in_flight: Arc<Semaphore>,
 }
 
 /// What a tick did, for tests and logs.
@@ -71,6 +76,7 @@ impl Engine {
             dispatch,
             metrics: Metrics::new(registry),
             depth_counted_at: Arc::default(),
+            offers_in_flight: Arc::new(Semaphore::new(OFFERS_IN_FLIGHT as usize)),
         }
     }
 
@@ -126,6 +132,8 @@ impl Engine {
                 _ = tokio::time::sleep(until_sweep.min(until_due)) => wakeups.include_all(),
             }
         }
+        // Offers still on their way go out before the engine reports stopped.
+        let _ = self.offers_in_flight.acquire_many(OFFERS_IN_FLIGHT).await;
         tracing::info!("scheduler engine stopped");
     }
 
@@ -203,34 +211,21 @@ impl Engine {
                 trace_id = tracing::field::Empty
             );
             telemetry::record_trace_id(&span);
-            self.offer(&org, &granted).instrument(span).await;
+            // The leases are committed: their offers go out while the next
+            // dispatch runs (a thousand offers take the loop about 20 ms
+            // under load). An offer that never arrives is covered by the
+            // ack timeout, as when publishing fails.
+            let permit = self.offers_in_flight.clone().acquire_owned().await;
+            let bus = self.bus.clone();
+            tokio::spawn(
+                async move {
+                    offer(&bus, &org, &granted).await;
+                    drop(permit);
+                }
+                .instrument(span),
+            );
         }
         Ok(())
-    }
-
-    /// Tells each agent's gateway about its leases (one message per agent)
-    /// and watchers about each status, all in one pipeline; each lease in
-    /// an `offer` span continuing its job's own trace when it is known.
-    async fn offer(&self, org: &OrgId, granted: &[Granted]) {
-        let offers = granted
-            .iter()
-            .map(|lease| {
-                let span = tracing::info_span!(
-                    "offer",
-                    job.id = %lease.job_id,
-                    job.epoch = lease.epoch,
-                    agent.id = %lease.agent_id,
-                    trace_id = tracing::field::Empty
-                );
-                telemetry::adopt_trace(&span, lease.trace().as_ref());
-                lease.offer(telemetry::trace_context_of(&span))
-            })
-            .collect();
-        let messages = bus::offer_messages(org, offers, telemetry::current_trace_context());
-        if let Err(error) = self.bus.publish_many(&messages).await {
-            tracing::warn!(error = %error, org.id = %org, leases = granted.len(),
-                "offers not published; unacknowledged leases lapse and are queued again");
-        }
     }
 
     async fn announce(
@@ -538,6 +533,31 @@ async fn listen_for_wakeups(bus: Bus, wakeups: Arc<Wakeups>, shutdown: Cancellat
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Tells each agent's gateway about its leases (one message per agent)
+/// and watchers about each status, all in one pipeline; each lease in
+/// an `offer` span continuing its job's own trace when it is known.
+async fn offer(bus: &Bus, org: &OrgId, granted: &[Granted]) {
+    let offers = granted
+        .iter()
+        .map(|lease| {
+            let span = tracing::info_span!(
+                "offer",
+                job.id = %lease.job_id,
+                job.epoch = lease.epoch,
+                agent.id = %lease.agent_id,
+                trace_id = tracing::field::Empty
+            );
+            telemetry::adopt_trace(&span, lease.trace().as_ref());
+            lease.offer(telemetry::trace_context_of(&span))
+        })
+        .collect();
+    let messages = bus::offer_messages(org, offers, telemetry::current_trace_context());
+    if let Err(error) = bus.publish_many(&messages).await {
+        tracing::warn!(error = %error, org.id = %org, leases = granted.len(),
+            "offers not published; unacknowledged leases lapse and are queued again");
     }
 }
 
