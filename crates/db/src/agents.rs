@@ -287,7 +287,8 @@ struct ActivityRow {
 /// finished attempts (`None` before any).
 pub async fn activity(conn: &mut PgConn, id: AgentId) -> DbResult<(i64, Option<f64>)> {
     let row: ActivityRow = diesel::sql_query(
-        "SELECT (SELECT count(*) FROM jobs WHERE agent_id = $1 \
+        "SELECT (SELECT count(*) FROM jobs \
+                   WHERE org_id = (SELECT org_id FROM agents WHERE id = $1) AND agent_id = $1 \
                    AND status IN ('leased', 'running', 'cancel_requested')) AS running, \
                 (SELECT avg((outcome = 'succeeded')::int)::float8 FROM \
                    (SELECT outcome FROM attempts WHERE agent_id = $1 \

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt, Nullable, Text, Uuid as SqlUuid};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use domain::job::{JobStatus, Labels, NewJob};
 use domain::org::OrgSettings;
@@ -19,7 +20,7 @@ use crate::schema::{idempotency_keys, jobs};
 use crate::{DbError, DbResult, PgConn};
 
 /// A job row.
-#[derive(Clone, Debug, PartialEq, Serialize, Queryable, Selectable)]
+#[derive(Clone, Debug, PartialEq, Serialize, Queryable, QueryableByName, Selectable)]
 #[diesel(table_name = jobs)]
 pub struct Job {
     pub id: Uuid,
@@ -586,7 +587,16 @@ pub struct ListFilter {
 
 /// Newest first. Ids are UUIDv7, so `id < cursor` pages are stable while
 /// new jobs keep arriving (they sort before every page already read).
+///
+/// A listing of one status reads `jobs_org_status_listing` in order, one
+/// of a repository `jobs_repository`. There is no index of an org's jobs
+/// by id alone (each status change would add an entry to it), so a
+/// listing of every status takes the newest page of each status from the
+/// status index and merges them: at most a page per status is read.
 pub async fn list(conn: &mut PgConn, org: &OrgId, filter: &ListFilter) -> DbResult<Vec<Job>> {
+    if filter.status.is_none() && filter.repository_id.is_none() {
+        return list_every_status(conn, org, filter).await;
+    }
     let mut query = jobs::table
         .filter(jobs::org_id.eq(org.as_str()))
         .select(Job::as_select())
@@ -611,6 +621,31 @@ pub async fn list(conn: &mut PgConn, org: &OrgId, filter: &ListFilter) -> DbResu
         .limit(i64::from(filter.limit.max(1)))
         .load(conn)
         .await?)
+}
+
+async fn list_every_status(
+    conn: &mut PgConn,
+    org: &OrgId,
+    filter: &ListFilter,
+) -> DbResult<Vec<Job>> {
+    let statuses: Vec<&str> = JobStatus::ALL.iter().map(|s| s.as_str()).collect();
+    Ok(diesel::sql_query(
+        "SELECT page.* FROM unnest($2::text[]) AS s(status) CROSS JOIN LATERAL ( \
+            SELECT * FROM jobs WHERE org_id = $1 AND status = s.status \
+              AND ($3::text IS NULL OR queue = $3) \
+              AND ($4::text IS NULL OR required_labels @> ARRAY[$4]) \
+              AND ($5::uuid IS NULL OR id < $5) \
+            ORDER BY id DESC LIMIT $6) page \
+         ORDER BY page.id DESC LIMIT $6",
+    )
+    .bind::<Text, _>(org.as_str())
+    .bind::<Array<Text>, _>(statuses)
+    .bind::<Nullable<Text>, _>(filter.queue.as_deref())
+    .bind::<Nullable<Text>, _>(filter.label.as_deref())
+    .bind::<Nullable<SqlUuid>, _>(filter.before.map(|id| id.as_uuid()))
+    .bind::<BigInt, _>(i64::from(filter.limit.max(1)))
+    .load(conn)
+    .await?)
 }
 
 /// Turns a guarded update that matched no row into the precise reason:

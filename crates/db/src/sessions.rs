@@ -120,11 +120,25 @@ pub async fn agent(conn: &mut PgConn, agent: AgentId) -> DbResult<Agent> {
         .await?)
 }
 
+/// The org of `agent`, as a subquery: the index of held leases
+/// (`jobs_held`) is found by org first, then agent.
+fn org_of(
+    agent: AgentId,
+) -> diesel::dsl::SingleValue<
+    diesel::dsl::Select<diesel::dsl::Find<agents::table, Uuid>, agents::org_id>,
+> {
+    agents::table
+        .find(agent.as_uuid())
+        .select(agents::org_id)
+        .single_value()
+}
+
 /// Jobs leased to `agent` and not yet acknowledged, with time left on the
 /// acknowledgement deadline: assignments to (re)deliver when a session
 /// opens, in case the push on the bus was missed.
 pub async fn pending_assignments(conn: &mut PgConn, agent: AgentId) -> DbResult<Vec<Job>> {
     Ok(jobs::table
+        .filter(jobs::org_id.nullable().eq(org_of(agent)))
         .filter(jobs::agent_id.eq(agent.as_uuid()))
         .filter(jobs::status.eq(JobStatus::Leased.as_str()))
         .filter(jobs::lease_expires_at.gt(diesel::dsl::now))
@@ -138,6 +152,7 @@ pub async fn pending_assignments(conn: &mut PgConn, agent: AgentId) -> DbResult<
 pub async fn leased_count(conn: &mut PgConn, agent: AgentId) -> DbResult<i64> {
     let held: Vec<&str> = JobStatus::LEASED.iter().map(|s| s.as_str()).collect();
     Ok(jobs::table
+        .filter(jobs::org_id.nullable().eq(org_of(agent)))
         .filter(jobs::agent_id.eq(agent.as_uuid()))
         .filter(jobs::status.eq_any(held))
         .count()

@@ -359,6 +359,68 @@ async fn another_orgs_job_is_not_found() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_listing_of_every_status_pages_newest_first_across_statuses() {
+    let test_db = TestDb::new().await;
+    let mut conn = test_db.conn().await;
+    let org = acme(&mut conn).await;
+    let mut specs = Vec::new();
+    for n in 0..7 {
+        let mut spec = job(&format!("job {n}"));
+        spec.requires_approval = n % 3 == 2;
+        specs.push(spec);
+    }
+    let created = create(&mut conn, &org, &specs).await;
+    for (n, job) in created.iter().enumerate() {
+        if n % 3 == 1 {
+            support::lease_and_start(&mut conn, job.job_id(), AgentId::new()).await;
+        }
+    }
+    let mut newest_first: Vec<Uuid> = created.iter().map(|j| j.id).collect();
+    newest_first.sort_by(|a, b| b.cmp(a));
+
+    // Pages of two: each page must interleave the statuses by id.
+    let mut paged = Vec::new();
+    let mut before = None;
+    loop {
+        let page = db::jobs::list(
+            &mut conn,
+            &org,
+            &ListFilter {
+                before,
+                limit: 2,
+                ..ListFilter::default()
+            },
+        )
+        .await
+        .expect("list");
+        if page.is_empty() {
+            break;
+        }
+        before = page.last().map(|j| JobId(j.id));
+        paged.extend(page.iter().map(|j| j.id));
+    }
+    assert_eq!(paged, newest_first);
+    let statuses: HashSet<String> = db::jobs::list(
+        &mut conn,
+        &org,
+        &ListFilter {
+            limit: 100,
+            ..ListFilter::default()
+        },
+    )
+    .await
+    .expect("list")
+    .into_iter()
+    .map(|j| j.status)
+    .collect();
+    assert_eq!(
+        statuses.len(),
+        3,
+        "queued, running and pending: {statuses:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn list_filters_by_status_queue_label_and_repository() {
     let test_db = TestDb::new().await;
     let mut conn = test_db.conn().await;

@@ -1,0 +1,6 @@
+DROP INDEX jobs_held;
+CREATE INDEX jobs_leased_org ON jobs (org_id, repository_id)
+    WHERE status IN ('leased', 'running', 'cancel_requested');
+CREATE INDEX jobs_leased_agent ON jobs (agent_id)
+    WHERE status IN ('leased', 'running', 'cancel_requested');
+CREATE INDEX jobs_org_listing ON jobs (org_id, id DESC);

@@ -1,0 +1,20 @@
+-- Fewer index entries per status change. No update of a job's status can
+-- be HOT (status is in the partial indexes' predicates), so every change
+-- writes an entry into every index whose predicate the new row matches,
+-- even where the key is unchanged; in a burn-down those entries were most
+-- of the lease's and the success's cost (EXPLAIN ANALYZE of a 1,000-job
+-- lease: 36.6 ms with the old indexes, 23.3 ms with these).
+--
+-- The org's listing needs no index of its own: a listing of every status
+-- reads the newest of each status from jobs_org_status_listing and merges
+-- them (db::jobs::list). That is one entry fewer on every change.
+DROP INDEX jobs_org_listing;
+
+-- One index for the leases an org holds, serving all three questions asked
+-- of it: per org (org caps), per agent of the org (capacity, pending
+-- assignments) and per repository (repository caps). Two entries fewer per
+-- lease. Queries by agent name the agent's org.
+DROP INDEX jobs_leased_agent;
+DROP INDEX jobs_leased_org;
+CREATE INDEX jobs_held ON jobs (org_id, agent_id, repository_id)
+    WHERE status IN ('leased', 'running', 'cancel_requested');
