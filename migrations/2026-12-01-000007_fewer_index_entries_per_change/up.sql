@@ -18,3 +18,14 @@ DROP INDEX jobs_leased_agent;
 DROP INDEX jobs_leased_org;
 CREATE INDEX jobs_held ON jobs (org_id, agent_id, repository_id)
     WHERE status IN ('leased', 'running', 'cancel_requested');
+
+-- The longest-waiting ready jobs are read only so that aging can lift them,
+-- and only a job that has waited a full aging interval can be lifted. In
+-- order of when each job entered its queue, that read stops at the first
+-- job too young to be lifted; in position order it read as many rows as
+-- the head read, the same rows twice in a queue younger than the interval.
+DROP INDEX jobs_ready_group_oldest;
+CREATE INDEX jobs_ready_group_oldest ON jobs
+    (org_id, (COALESCE(repository_id, '00000000-0000-0000-0000-000000000000'::uuid)),
+     (COALESCE(queued_at, created_at)))
+    WHERE status = 'queued';

@@ -329,9 +329,16 @@ const RUNNABLE: &str = "EXISTS (SELECT 1 FROM agents a WHERE a.org_id = $1 \
 /// indexes' expression, so the planner uses them.
 const GROUP: &str = "COALESCE(repository_id, '00000000-0000-0000-0000-000000000000'::uuid)";
 
+/// Since when a job has been waiting in its queue, spelled as in the
+/// `jobs_ready_group_oldest` index.
+const WAITED: &str = "COALESCE(queued_at, created_at)";
+
 /// The heads of every fairness group's ready queue, among the jobs an
-/// online agent could run: per group, the first ones by dispatch order and
-/// as many of the oldest, so aging can lift them. Each group gives at least
+/// online agent could run: per group, the first ones by static dispatch
+/// order and as many of the longest waiting among the jobs queued before
+/// `lifted_before`. Only those can have been lifted by aging; a job aging
+/// did not lift that belongs in the tick is among the first by static
+/// order. `None` (no aging) reads only the first. Each group gives at least
 /// `heads` and its share of what the tick can place: the free slots of the
 /// org's online agents, at most `most`. So one busy group can fill every
 /// free slot in one tick. Found by skipping through the index one group at
@@ -345,6 +352,7 @@ pub async fn candidates<C>(
     org: &OrgId,
     heads: i64,
     most: i64,
+    lifted_before: Option<DateTime<Utc>>,
 ) -> DbResult<Vec<Candidate>>
 where
     C: AsyncConnectionCore<Backend = Pg> + Send,
@@ -370,14 +378,15 @@ where
                 ORDER BY queue_rank, priority DESC, position LIMIT share.n) \
              UNION ALL \
              (SELECT {CANDIDATE_COLUMNS} FROM jobs WHERE org_id = $1 AND status = 'queued' \
-                AND {GROUP} = g.id AND run_at <= now() AND {RUNNABLE} \
-                ORDER BY position LIMIT share.n)) c \
+                AND {GROUP} = g.id AND {WAITED} <= $4 AND run_at <= now() AND {RUNNABLE} \
+                ORDER BY {WAITED} LIMIT share.n)) c \
          WHERE g.id IS NOT NULL"
     );
     let rows: Vec<CandidateRow> = diesel::sql_query(sql)
         .bind::<Text, _>(org.as_str())
         .bind::<BigInt, _>(heads)
         .bind::<BigInt, _>(most)
+        .bind::<Nullable<Timestamptz>, _>(lifted_before)
         .cached()
         .load(conn)
         .await?;
@@ -580,7 +589,13 @@ pub async fn dispatch_org(
             async { Ok(lock.await?) },
             agent_offers(&mut for_agents, org),
             limits(&mut for_limits, org),
-            candidates(&mut for_candidates, org, settings.heads_per_group, most),
+            candidates(
+                &mut for_candidates,
+                org,
+                settings.heads_per_group,
+                most,
+                settings.aging.map(|interval| Utc::now() - interval),
+            ),
         )?;
         if !lock.locked {
             return Ok(Dispatched {

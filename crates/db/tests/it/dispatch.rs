@@ -212,3 +212,74 @@ async fn a_lease_returns_small_jobs_for_their_offer_and_not_big_ones() {
         }
     }
 }
+
+/// Aging reaches a job however far behind the heads it sits: the dispatcher
+/// also reads the longest waiting, and only those old enough to be lifted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_lifted_by_aging_is_leased_from_behind_more_heads_than_a_tick_reads() {
+    let test_db = TestDb::new().await;
+    let mut conn = test_db.conn().await;
+    let org = acme(&mut conn).await;
+    let settings = DispatchSettings {
+        heads_per_group: 4,
+        ..DispatchSettings::default()
+    };
+    let old = create(&mut conn, &org, &[job("waited ten minutes")]).await;
+    support::exec(
+        &mut conn,
+        &format!(
+            "UPDATE jobs SET queued_at = now() - interval '10 minutes' WHERE id = '{}'",
+            old[0].id
+        ),
+    )
+    .await;
+    let urgent: Vec<_> = (0..10)
+        .map(|n| {
+            let mut new = job(&format!("urgent {n}"));
+            new.priority = 5;
+            new
+        })
+        .collect();
+    create(&mut conn, &org, &urgent).await;
+    support::exec(
+        &mut conn,
+        "INSERT INTO agents (id, org_id, name, capacity, status) \
+         VALUES (gen_random_uuid(), 'acme', 'one slot', 1, 'online')",
+    )
+    .await;
+
+    // Ten minutes at one point a minute lift priority 0 above 5.
+    let round = dispatch_org(&mut conn, &org, &settings)
+        .await
+        .expect("dispatch");
+    let leased: Vec<_> = round.granted.iter().map(|lease| lease.job_id).collect();
+    assert_eq!(leased, [old[0].id]);
+
+    // Without aging the urgent jobs go first.
+    let second = create(&mut conn, &org, &[job("waited too")]).await;
+    support::exec(
+        &mut conn,
+        &format!(
+            "UPDATE jobs SET queued_at = now() - interval '10 minutes' WHERE id = '{}'",
+            second[0].id
+        ),
+    )
+    .await;
+    support::exec(
+        &mut conn,
+        &format!(
+            "UPDATE jobs SET status = 'succeeded' WHERE id = '{}'",
+            old[0].id
+        ),
+    )
+    .await;
+    let unaged = DispatchSettings {
+        aging: None,
+        ..settings
+    };
+    let round = dispatch_org(&mut conn, &org, &unaged)
+        .await
+        .expect("dispatch");
+    assert_eq!(round.granted.len(), 1);
+    assert_ne!(round.granted[0].job_id, second[0].id);
+}
