@@ -211,10 +211,18 @@ impl Engine {
                 trace_id = tracing::field::Empty
             );
             telemetry::record_trace_id(&span);
-            // The leases are committed: their offers go out while the next
-            // dispatch runs (a thousand offers take the loop about 20 ms
-            // under load). An offer that never arrives is covered by the
-            // ack timeout, as when publishing fails.
+            if !dispatched.more {
+                // Publishing before the next wake-up is taken also lets
+                // wake-ups gather: at a steady 1,000 jobs/s, publishing in
+                // the background made dispatches smaller and commits more
+                // frequent (p99 created → completed 64 → 150-800 ms).
+                offer(&self.bus, &org, &granted).instrument(span).await;
+                continue;
+            }
+            // The org has more to lease at once: these committed leases'
+            // offers go out while the next dispatch runs (a thousand offers
+            // held the loop about 20 ms in a burn-down). An offer that never
+            // arrives is covered by the ack timeout, as when publishing fails.
             let permit = self.offers_in_flight.clone().acquire_owned().await;
             let bus = self.bus.clone();
             tokio::spawn(
