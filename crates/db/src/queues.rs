@@ -38,8 +38,9 @@ pub async fn summaries(conn: &mut PgConn, org: &OrgId) -> DbResult<Vec<QueueSumm
             count(*) FILTER (WHERE status IN ('leased', 'running', 'cancel_requested')) AS running, \
             min(COALESCE(queued_at, created_at)) FILTER (WHERE status = 'queued') AS oldest_queued_at, \
             count(*) FILTER (WHERE finished_at > now() - interval '10 minutes') AS finished_last_10m \
-         FROM jobs WHERE org_id = $1 AND (status IN ('queued', 'pending_approval', 'leased', 'running', \
-            'cancel_requested') OR finished_at > now() - interval '10 minutes') \
+         FROM jobs WHERE org_id = $1 AND (status IN ('queued', 'pending_approval') \
+            OR status IN ('leased', 'running', 'cancel_requested') \
+            OR finished_at > now() - interval '10 minutes') \
          GROUP BY queue ORDER BY queue",
     )
     .bind::<Text, _>(org.as_str())
@@ -208,13 +209,23 @@ pub struct WindowStats {
     pub run_time_p95_ms: Option<f64>,
 }
 
+/// An id below that of any job created in the last `$2` seconds. Job ids
+/// are UUIDv7, whose first 48 bits are the creation's Unix milliseconds, so
+/// a window's read is a range of the primary key (no index holds every job
+/// of an org); a minute's slack covers an id minted a little before its
+/// `created_at`.
+const CREATED_SINCE: &str = "(lpad(to_hex((extract(epoch FROM now() - $2 * interval '1 second' \
+    - interval '1 minute') * 1000)::int8), \
+    12, '0') || '00000000000000000000')::uuid";
+
 pub async fn window_stats(
     conn: &mut PgConn,
     org: &OrgId,
     window_secs: i64,
 ) -> DbResult<WindowStats> {
-    Ok(diesel::sql_query(
-        "WITH recent AS (SELECT * FROM jobs WHERE org_id = $1 AND created_at > now() - $2 * interval '1 second'), \
+    Ok(diesel::sql_query(format!(
+        "WITH recent AS (SELECT * FROM jobs WHERE org_id = $1 AND created_at > now() - $2 * interval '1 second' \
+                          AND id >= {CREATED_SINCE}), \
               finished AS (SELECT a.* FROM attempts a JOIN jobs j ON j.id = a.job_id \
                            WHERE j.org_id = $1 AND a.ended_at > now() - $2 * interval '1 second') \
          SELECT (SELECT count(*) FROM recent) AS created, \
@@ -230,8 +241,8 @@ pub async fn window_stats(
            (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM ended_at - started_at) * 1000) \
               FROM finished WHERE started_at IS NOT NULL) AS run_time_p50_ms, \
            (SELECT percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM ended_at - started_at) * 1000) \
-              FROM finished WHERE started_at IS NOT NULL) AS run_time_p95_ms",
-    )
+              FROM finished WHERE started_at IS NOT NULL) AS run_time_p95_ms"
+    ))
     .bind::<Text, _>(org.as_str())
     .bind::<BigInt, _>(window_secs)
     .get_result(conn)
