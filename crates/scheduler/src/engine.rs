@@ -31,6 +31,8 @@ const CONTENDED_RETRY: Duration = Duration::from_millis(2);
 /// How many dispatches' offers may be on their way to Redis while the
 /// next dispatch runs; a dispatch finding them all in flight waits.
 const OFFERS_IN_FLIGHT: u32 = 4;
+/// How long a stopping engine waits for offers still in flight.
+const OFFERS_DRAIN_ON_STOP: Duration = Duration::from_secs(5);
 /// Idempotency keys are kept this long.
 const IDEMPOTENCY_KEY_HOURS: i64 = 24;
 
@@ -132,8 +134,13 @@ impl Engine {
                 _ = tokio::time::sleep(until_sweep.min(until_due)) => wakeups.include_all(),
             }
         }
-        // Offers still on their way go out before the engine reports stopped.
-        let _ = self.offers_in_flight.acquire_many(OFFERS_IN_FLIGHT).await;
+        // Offers still on their way go out before the engine reports
+        // stopped, unless Redis holds them up (their leases then lapse).
+        let _ = tokio::time::timeout(
+            OFFERS_DRAIN_ON_STOP,
+            self.offers_in_flight.acquire_many(OFFERS_IN_FLIGHT),
+        )
+        .await;
         tracing::info!("scheduler engine stopped");
     }
 
@@ -212,10 +219,9 @@ impl Engine {
             );
             telemetry::record_trace_id(&span);
             if !dispatched.more {
-                // Publishing before the next wake-up is taken also lets
-                // wake-ups gather: at a steady 1,000 jobs/s, publishing in
-                // the background made dispatches smaller and commits more
-                // frequent (p99 created → completed 64 → 150-800 ms).
+                // Publishing before the next wake-up is taken lets wake-ups
+                // gather while it runs: fewer, bigger dispatches under
+                // steady load, each one commit.
                 offer(&self.bus, &org, &granted).instrument(span).await;
                 continue;
             }
