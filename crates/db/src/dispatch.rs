@@ -12,7 +12,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use diesel::pg::Pg;
 use diesel::prelude::*;
 use diesel::sql_types::{
@@ -333,6 +333,14 @@ const GROUP: &str = "COALESCE(repository_id, '00000000-0000-0000-0000-0000000000
 /// `jobs_ready_group_oldest` index.
 const WAITED: &str = "COALESCE(queued_at, created_at)";
 
+/// Jobs queued before this instant may have been lifted by aging (see
+/// [`candidates`]). An interval reaching before the calendar's start lifts
+/// nothing, so it gives `None` rather than overflowing.
+fn lifted_before(now: DateTime<Utc>, aging: Option<Duration>) -> Option<DateTime<Utc>> {
+    let interval = TimeDelta::from_std(aging?).ok()?;
+    now.checked_sub_signed(interval)
+}
+
 /// The heads of every fairness group's ready queue, among the jobs an
 /// online agent could run: per group, the first ones by static dispatch
 /// order and as many of the longest waiting among the jobs queued before
@@ -594,7 +602,7 @@ pub async fn dispatch_org(
                 org,
                 settings.heads_per_group,
                 most,
-                settings.aging.map(|interval| Utc::now() - interval),
+                lifted_before(Utc::now(), settings.aging),
             ),
         )?;
         if !lock.locked {
@@ -700,4 +708,27 @@ pub async fn place_created(
         (key, slot)
     });
     Ok(Some(Placement { agent, slot }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aging_lifts_jobs_queued_one_interval_ago_and_an_absurd_interval_lifts_none() {
+        let now = Utc::now();
+        assert_eq!(
+            lifted_before(now, Some(Duration::from_secs(60))),
+            Some(now - TimeDelta::seconds(60))
+        );
+        assert_eq!(lifted_before(now, None), None);
+        assert_eq!(
+            lifted_before(now, Some(Duration::from_secs(u64::MAX))),
+            None
+        );
+        assert_eq!(
+            lifted_before(now, Some(Duration::from_secs(400_000 * 365 * 86_400))),
+            None
+        );
+    }
 }
