@@ -624,14 +624,10 @@ pub async fn list(conn: &mut PgConn, org: &OrgId, filter: &ListFilter) -> DbResu
         .await?)
 }
 
-async fn list_every_status(
-    conn: &mut PgConn,
-    org: &OrgId,
-    filter: &ListFilter,
-) -> DbResult<Vec<Job>> {
-    // One branch per status, each naming its status as a literal: the
-    // partial indexes serve a branch only when the planner can prove their
-    // predicate from it.
+/// One branch per status, each naming its status as a literal: the partial
+/// indexes serve a branch only when the planner can prove their predicate
+/// from it. Built once.
+static EVERY_STATUS_LISTING: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     let pages: Vec<String> = JobStatus::ALL
         .iter()
         .map(|status| {
@@ -645,17 +641,25 @@ async fn list_every_status(
             )
         })
         .collect();
-    Ok(diesel::sql_query(format!(
+    format!(
         "SELECT page.* FROM ({}) page ORDER BY page.id DESC LIMIT $5",
         pages.join(" UNION ALL ")
-    ))
-    .bind::<Text, _>(org.as_str())
-    .bind::<Nullable<Text>, _>(filter.queue.as_deref())
-    .bind::<Nullable<Text>, _>(filter.label.as_deref())
-    .bind::<Nullable<SqlUuid>, _>(filter.before.map(|id| id.as_uuid()))
-    .bind::<BigInt, _>(i64::from(filter.limit.max(1)))
-    .load(conn)
-    .await?)
+    )
+});
+
+async fn list_every_status(
+    conn: &mut PgConn,
+    org: &OrgId,
+    filter: &ListFilter,
+) -> DbResult<Vec<Job>> {
+    Ok(diesel::sql_query(EVERY_STATUS_LISTING.as_str())
+        .bind::<Text, _>(org.as_str())
+        .bind::<Nullable<Text>, _>(filter.queue.as_deref())
+        .bind::<Nullable<Text>, _>(filter.label.as_deref())
+        .bind::<Nullable<SqlUuid>, _>(filter.before.map(|id| id.as_uuid()))
+        .bind::<BigInt, _>(i64::from(filter.limit.max(1)))
+        .load(conn)
+        .await?)
 }
 
 /// Turns a guarded update that matched no row into the precise reason:

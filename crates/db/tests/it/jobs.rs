@@ -393,10 +393,8 @@ async fn a_listing_of_every_status_pages_newest_first_across_statuses() {
         )
         .await
         .expect("list");
-        if page.is_empty() {
-            break;
-        }
-        before = page.last().map(|j| JobId(j.id));
+        let Some(last) = page.last() else { break };
+        before = Some(last.job_id());
         paged.extend(page.iter().map(|j| j.id));
     }
     assert_eq!(paged, newest_first);
