@@ -88,6 +88,9 @@ impl Job {
             .unwrap_or_else(|_| domain::job::QueueName::backlog())
     }
 
+    /// The job's retry policy. The row holds the fields that differ from
+    /// the defaults ([`stored_retry_policy`]); the defaults fill the rest, so
+    /// changing a default in `RetryPolicy` changes it for stored jobs too.
     pub fn retry_policy(&self) -> RetryPolicy {
         serde_json::from_value(self.retry_policy.clone()).unwrap_or_default()
     }
@@ -190,6 +193,20 @@ fn to_json<T: Serialize>(value: &T) -> Result<serde_json::Value, diesel::result:
     serde_json::to_value(value).map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))
 }
 
+/// A job's retry policy as its row stores it: only the fields that differ
+/// from [`RetryPolicy::default`] (reading fills the rest back in, see
+/// [`Job::retry_policy`]). Most jobs take the defaults, and the full policy
+/// was a third of a job row: every status change copies the row into a new
+/// version and into the WAL.
+fn stored_retry_policy(policy: &RetryPolicy) -> Result<serde_json::Value, diesel::result::Error> {
+    let mut stored = to_json(policy)?;
+    let defaults = to_json(&RetryPolicy::default())?;
+    if let (Some(fields), Some(defaults)) = (stored.as_object_mut(), defaults.as_object()) {
+        fields.retain(|name, value| defaults.get(name) != Some(value));
+    }
+    Ok(stored)
+}
+
 /// Creates all `new_jobs` in one transaction (all or nothing), with their
 /// `job.created` audit event. With an idempotency key, a repeated request
 /// returns the jobs the first one made, and the same key with a different
@@ -229,7 +246,7 @@ pub async fn create_jobs(
             requires_approval,
             payload: to_json(&job.payload)?,
             metadata: &job.metadata,
-            retry_policy: to_json(&job.retry_policy)?,
+            retry_policy: stored_retry_policy(&job.retry_policy)?,
             schedule_to_start_ms: job.timeouts.schedule_to_start_ms.map(|ms| ms as i64),
             run_timeout_ms: job.timeouts.run_timeout_ms.map(|ms| ms as i64),
             deadline_at: job.deadline_at(now),

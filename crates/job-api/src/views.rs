@@ -131,7 +131,7 @@ pub struct JobView {
     #[schema(value_type = Object)]
     pub metadata: serde_json::Value,
     #[schema(value_type = Object)]
-    pub retry_policy: serde_json::Value,
+    pub retry_policy: RetryPolicy,
     pub run_at: DateTime<Utc>,
     pub deadline_at: Option<DateTime<Utc>>,
     /// Number of the current (or last) attempt.
@@ -182,7 +182,7 @@ impl From<&Job> for JobView {
             command: payload.command,
             prompt: payload.prompt,
             metadata: job.metadata.clone(),
-            retry_policy: job.retry_policy.clone(),
+            retry_policy: job.retry_policy(),
             run_at: job.run_at,
             deadline_at: job.deadline_at,
             attempt,

@@ -77,6 +77,27 @@ async fn create_jobs_stores_a_queued_job_with_every_field() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_retry_policy_is_stored_as_its_changes_from_the_defaults_and_read_back_whole() {
+    let test_db = TestDb::new().await;
+    let mut conn = test_db.conn().await;
+    let org = acme(&mut conn).await;
+    let mut custom = job("flaky");
+    custom.retry_policy.maximum_attempts = 5;
+    custom.retry_policy.non_retryable_error_kinds = vec!["config".to_owned()];
+
+    let plain = create_one(&mut conn, &org, job("make")).await;
+    let changed = create_one(&mut conn, &org, custom.clone()).await;
+
+    assert_eq!(plain.retry_policy, serde_json::json!({}));
+    assert_eq!(plain.retry_policy(), domain::retry::RetryPolicy::default());
+    assert_eq!(
+        changed.retry_policy,
+        serde_json::json!({"maximum_attempts": 5, "non_retryable_error_kinds": ["config"]})
+    );
+    assert_eq!(changed.retry_policy(), custom.retry_policy);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn create_jobs_inserts_a_batch_of_a_thousand_in_request_order() {
     let test_db = TestDb::new().await;
     let mut conn = test_db.conn().await;
