@@ -12,7 +12,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use db::agents::Agent;
 use db::jobs::Job;
-use db::leases::{Ending, Extended};
+use db::leases::{Ending, Extended, Success};
 use db::logs::IncomingLine;
 use db::{Db, DbError, PooledConn};
 use domain::agent::{AgentProfile, AgentStatus};
@@ -25,6 +25,7 @@ use uuid::Uuid;
 use crate::config::AgentSettings;
 use crate::error::{GatewayError, GatewayResult};
 use crate::metrics::GatewayMetrics;
+use crate::successes::SuccessWriter;
 use bus::{Bus, Channel};
 
 /// The authenticated agent behind a session or an HTTP token.
@@ -149,11 +150,14 @@ pub struct Gateway {
     pub gateway_id: String,
     pub settings: AgentSettings,
     pub metrics: GatewayMetrics,
+    successes: SuccessWriter,
 }
 
 impl Gateway {
+    /// Needs a Tokio runtime: it starts the success writers.
     pub fn new(db: Db, bus: Bus, gateway_id: String, settings: AgentSettings) -> Self {
         Self {
+            successes: SuccessWriter::start(db.clone()),
             db,
             bus,
             gateway_id,
@@ -481,8 +485,9 @@ impl Gateway {
         Ok(started)
     }
 
-    /// Records several successes in one statement; returns those recorded.
-    /// The rest go one by one through [`finish`](Self::finish). Jobs in
+    /// Records several successes, in one statement with those other
+    /// sessions reported meanwhile ([`SuccessWriter`]); returns those
+    /// recorded. The rest go one by one through [`finish`](Self::finish). Jobs in
     /// `acknowledged` had their ack arrive with the result: it is recorded
     /// by the success (a leased job may succeed directly), and watchers
     /// still hear `running` before `succeeded`.
@@ -492,15 +497,20 @@ impl Gateway {
         results: &[(JobId, u64, Option<i32>, Option<TraceContext>)],
         acknowledged: &HashSet<JobId>,
     ) -> GatewayResult<Vec<db::leases::Succeeded>> {
-        let attempts: Vec<(JobId, u64, Option<i32>)> = results
+        let successes: Vec<Success> = results
             .iter()
-            .map(|(job, epoch, code, _)| (*job, *epoch, *code))
+            .map(|&(job, epoch, exit_code, _)| Success {
+                job,
+                epoch,
+                exit_code,
+                holder: Some(ctx.id),
+            })
             .collect();
-        let mut conn = self.conn().await?;
-        let succeeded = db::leases::succeed_many(&mut conn, Some(ctx.id), &attempts)
+        let succeeded = self
+            .successes
+            .record(successes)
             .await
-            .map_err(|e| GatewayError::from_db(None, e))?;
-        drop(conn);
+            .map_err(|e| GatewayError::Unavailable(e.to_string()))?;
         let done: Vec<(JobId, u32)> = succeeded
             .iter()
             .map(|s| (JobId(s.job_id), s.attempt.max(1) as u32))
@@ -690,29 +700,9 @@ impl Gateway {
             Finish::CancelAcknowledged => "cancel_ack",
             _ => "result",
         };
-        let mut conn = self.conn().await?;
         let ending = match finish {
-            // As for acknowledgements: the guarded statement first; the row
-            // is read only to tell a repeated report from a refusal.
             Finish::Succeeded { exit_code } => {
-                match db::leases::succeed_as(&mut conn, Some(ctx.id), job, epoch, exit_code).await {
-                    Ok(succeeded) => {
-                        drop(conn);
-                        let attempt = succeeded.attempt.max(1) as u32;
-                        self.publish_status(ctx, job, attempt, epoch, JobStatus::Succeeded)
-                            .await;
-                        return Ok(JobStatus::Succeeded);
-                    }
-                    Err(refused) => {
-                        let row = self
-                            .leased_job(&mut conn, ctx, job, epoch, Some(kind))
-                            .await?;
-                        return match row.status() {
-                            status if ended_by_this_attempt(status) => Ok(status),
-                            _ => Err(GatewayError::from_db(Some(job), refused)),
-                        };
-                    }
-                }
+                return self.succeed(ctx, job, epoch, exit_code).await;
             }
             Finish::Failed {
                 exit_code,
@@ -725,6 +715,7 @@ impl Gateway {
             },
             Finish::CancelAcknowledged => Ending::CancelAcknowledged,
         };
+        let mut conn = self.conn().await?;
         let row = self
             .leased_job(&mut conn, ctx, job, epoch, Some(kind))
             .await?;
@@ -733,6 +724,43 @@ impl Gateway {
             return Ok(status);
         }
         self.end_leased(conn, ctx, &row, epoch, ending).await
+    }
+
+    /// [`finish`](Self::finish) for a success: recorded with the successes
+    /// other sessions reported meanwhile; the job is read only to tell a
+    /// repeated report from a refusal.
+    async fn succeed(
+        &self,
+        ctx: &AgentContext,
+        job: JobId,
+        epoch: u64,
+        exit_code: Option<i32>,
+    ) -> GatewayResult<JobStatus> {
+        let recorded = self
+            .successes
+            .record(vec![Success {
+                job,
+                epoch,
+                exit_code,
+                holder: Some(ctx.id),
+            }])
+            .await
+            .map_err(|e| GatewayError::Unavailable(e.to_string()))?;
+        if let Some(succeeded) = recorded.first() {
+            let attempt = succeeded.attempt.max(1) as u32;
+            self.publish_status(ctx, job, attempt, epoch, JobStatus::Succeeded)
+                .await;
+            return Ok(JobStatus::Succeeded);
+        }
+        let mut conn = self.conn().await?;
+        let refused = db::leases::why_not_succeeded(&mut conn, job, epoch).await;
+        let row = self
+            .leased_job(&mut conn, ctx, job, epoch, Some("result"))
+            .await?;
+        match row.status() {
+            status if ended_by_this_attempt(status) => Ok(status),
+            _ => Err(GatewayError::from_db(Some(job), refused)),
+        }
     }
 
     async fn end(

@@ -13,6 +13,7 @@
 //! * [`grpc`]: the gRPC service, health and reflection.
 //! * [`http`]: the HTTP pull API.
 //! * [`tokens`]: HTTP session tokens in Redis.
+//! * [`successes`]: successes of every session, recorded together.
 //! * [`error`]: the one error type, mapped to gRPC and HTTP.
 //!
 //! A library with one entry point, [`run`], so tests start the real
@@ -24,6 +25,7 @@ pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod metrics;
+pub mod successes;
 pub mod tokens;
 
 use std::net::TcpListener;

@@ -255,8 +255,14 @@ pub async fn succeed_as(
     let done = succeed_many(conn, holder, &[(job, epoch, exit_code)]).await?;
     match done.into_iter().next() {
         Some(succeeded) => Ok(succeeded),
-        None => Err(explain_refusal(conn, job, Some(epoch), Action::Succeed).await),
+        None => Err(why_not_succeeded(conn, job, epoch).await),
     }
+}
+
+/// Why a success of attempt `epoch` of `job` was refused: the job is
+/// unknown, the epoch stale, or the job no longer running.
+pub async fn why_not_succeeded(conn: &mut PgConn, job: JobId, epoch: u64) -> DbError {
+    explain_refusal(conn, job, Some(epoch), Action::Succeed).await
 }
 
 /// Records the successes of several attempts in one statement, each as
@@ -267,21 +273,50 @@ pub async fn succeed_many(
     holder: Option<AgentId>,
     attempts: &[(JobId, u64, Option<i32>)],
 ) -> DbResult<Vec<Succeeded>> {
-    if attempts.is_empty() {
+    let held: Vec<Success> = attempts
+        .iter()
+        .map(|&(job, epoch, exit_code)| Success {
+            job,
+            epoch,
+            exit_code,
+            holder,
+        })
+        .collect();
+    succeed_each(conn, &held).await
+}
+
+/// A success to record: the attempt `epoch` of `job`, reported by `holder`
+/// (when given, it must hold the lease).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Success {
+    pub job: JobId,
+    pub epoch: u64,
+    pub exit_code: Option<i32>,
+    pub holder: Option<AgentId>,
+}
+
+/// [`succeed_many`] for successes reported by several holders: a gateway
+/// records what all its agents reported meanwhile in one statement.
+pub async fn succeed_each(conn: &mut PgConn, successes: &[Success]) -> DbResult<Vec<Succeeded>> {
+    if successes.is_empty() {
         return Ok(Vec::new());
     }
-    let ids: Vec<Uuid> = attempts.iter().map(|(job, _, _)| job.as_uuid()).collect();
-    let epochs: Vec<i64> = attempts.iter().map(|(_, epoch, _)| *epoch as i64).collect();
-    let exit_codes: Vec<Option<i32>> = attempts.iter().map(|(_, _, code)| *code).collect();
+    let ids: Vec<Uuid> = successes.iter().map(|s| s.job.as_uuid()).collect();
+    let epochs: Vec<i64> = successes.iter().map(|s| s.epoch as i64).collect();
+    let exit_codes: Vec<Option<i32>> = successes.iter().map(|s| s.exit_code).collect();
+    let holders: Vec<Option<Uuid>> = successes
+        .iter()
+        .map(|s| s.holder.map(|agent| agent.as_uuid()))
+        .collect();
     Ok(diesel::sql_query(
         "WITH done AS ( \
             UPDATE jobs j SET status = 'succeeded', exit_code = r.exit_code, error_kind = NULL, \
                 error_message = NULL, started_at = COALESCE(j.started_at, now()), \
                 finished_at = now(), lease_expires_at = NULL, \
                 cancel_deadline_at = NULL, updated_at = now() \
-            FROM unnest($1::uuid[], $2::int8[], $3::int4[]) AS r(id, epoch, exit_code) \
+            FROM unnest($1::uuid[], $2::int8[], $3::int4[], $5::uuid[]) AS r(id, epoch, exit_code, holder) \
             WHERE j.id = r.id AND j.lease_epoch = r.epoch AND j.status = ANY($4) \
-              AND ($5::uuid IS NULL OR j.agent_id = $5) \
+              AND (r.holder IS NULL OR j.agent_id = r.holder) \
             RETURNING j.id, j.lease_epoch, j.agent_id, j.leased_at, j.started_at, j.exit_code, \
                 j.app_failures + j.infra_failures + 1 AS attempt), \
          freed AS (DELETE FROM concurrency_slots s USING done WHERE s.job_id = done.id), \
@@ -294,7 +329,7 @@ pub async fn succeed_many(
     .bind::<Array<BigInt>, _>(&epochs)
     .bind::<Array<Nullable<Int4>>, _>(&exit_codes)
     .bind::<Array<Text>, _>(sources(Action::Succeed))
-    .bind::<Nullable<SqlUuid>, _>(holder.map(|agent| agent.as_uuid()))
+    .bind::<Array<Nullable<SqlUuid>>, _>(&holders)
     .cached()
     .load(conn)
     .await?)

@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use chrono::Utc;
 use db::DbError;
-use db::leases::{Ending, OperatorAction};
+use db::leases::{Ending, OperatorAction, Success};
 use diesel_async::RunQueryDsl;
 use domain::job::JobStatus;
 use domain::retry::{InfraReason, RetryPolicy};
 use domain::{AgentId, DomainError, JobId};
 use test_support::TestDb;
+use uuid::Uuid;
 
 use crate::support::{self, ACK, TTL, acme, attempts_of, create_one, job, lease_and_start, reload};
 
@@ -302,6 +303,69 @@ async fn succeed_records_a_succeeded_attempt_and_finishes_the_job() {
     let again = db::leases::succeed(&mut conn, id, lease.epoch as u64, Some(0)).await;
     assert_invalid_from(&again, JobStatus::Succeeded);
     assert_eq!(attempts_of(&mut conn, id).await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_statement_of_several_agents_successes_records_each_only_for_its_holder_at_its_epoch() {
+    let test_db = TestDb::new().await;
+    let mut conn = test_db.conn().await;
+    let org = acme(&mut conn).await;
+    let (first, second) = (AgentId::new(), AgentId::new());
+    let mut leases = Vec::new();
+    for holder in [first, second, second, first] {
+        let id = create_one(&mut conn, &org, job("echo")).await.job_id();
+        leases.push((
+            id,
+            lease_and_start(&mut conn, id, holder).await.epoch as u64,
+        ));
+    }
+    let success = |(job, epoch): (JobId, u64), holder: AgentId| Success {
+        job,
+        epoch,
+        exit_code: Some(0),
+        holder: Some(holder),
+    };
+
+    let recorded = db::leases::succeed_each(
+        &mut conn,
+        &[
+            success(leases[0], first),
+            success(leases[1], second),
+            // Reported by an agent that does not hold the job.
+            success(leases[2], first),
+            // An epoch the job never had.
+            success((leases[3].0, leases[3].1 + 1), first),
+        ],
+    )
+    .await
+    .expect("succeed_each");
+
+    let mut ids: Vec<Uuid> = recorded.iter().map(|s| s.job_id).collect();
+    ids.sort();
+    let mut expected = vec![leases[0].0.as_uuid(), leases[1].0.as_uuid()];
+    expected.sort();
+    assert_eq!(ids, expected);
+    let statuses: Vec<JobStatus> = {
+        let mut statuses = Vec::new();
+        for (id, _) in &leases {
+            statuses.push(reload(&mut conn, *id).await.status());
+        }
+        statuses
+    };
+    assert_eq!(
+        statuses,
+        [
+            JobStatus::Succeeded,
+            JobStatus::Succeeded,
+            JobStatus::Running,
+            JobStatus::Running
+        ]
+    );
+    assert_eq!(attempts_of(&mut conn, leases[2].0).await.len(), 0);
+    assert_eq!(
+        attempts_of(&mut conn, leases[1].0).await[0].agent_id,
+        second.as_uuid()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
