@@ -497,20 +497,14 @@ impl Gateway {
         results: &[(JobId, u64, Option<i32>, Option<TraceContext>)],
         acknowledged: &HashSet<JobId>,
     ) -> GatewayResult<Vec<db::leases::Succeeded>> {
-        let successes: Vec<Success> = results
-            .iter()
-            .map(|&(job, epoch, exit_code, _)| Success {
-                job,
-                epoch,
-                exit_code,
-                holder: Some(ctx.id),
-            })
-            .collect();
         let succeeded = self
-            .successes
-            .record(successes)
-            .await
-            .map_err(|e| GatewayError::Unavailable(e.to_string()))?;
+            .record_successes(
+                ctx,
+                results
+                    .iter()
+                    .map(|&(job, epoch, exit_code, _)| (job, epoch, exit_code)),
+            )
+            .await?;
         let done: Vec<(JobId, u32)> = succeeded
             .iter()
             .map(|s| (JobId(s.job_id), s.attempt.max(1) as u32))
@@ -726,6 +720,27 @@ impl Gateway {
         self.end_leased(conn, ctx, &row, epoch, ending).await
     }
 
+    /// Hands `ctx`'s successes to the writers ([`SuccessWriter`]).
+    async fn record_successes(
+        &self,
+        ctx: &AgentContext,
+        successes: impl IntoIterator<Item = (JobId, u64, Option<i32>)>,
+    ) -> GatewayResult<Vec<db::leases::Succeeded>> {
+        let successes = successes
+            .into_iter()
+            .map(|(job, epoch, exit_code)| Success {
+                job,
+                epoch,
+                exit_code,
+                holder: Some(ctx.id),
+            })
+            .collect();
+        self.successes
+            .record(successes)
+            .await
+            .map_err(|e| GatewayError::Unavailable(e.to_string()))
+    }
+
     /// [`finish`](Self::finish) for a success: recorded with the successes
     /// other sessions reported meanwhile; the job is read only to tell a
     /// repeated report from a refusal.
@@ -737,15 +752,8 @@ impl Gateway {
         exit_code: Option<i32>,
     ) -> GatewayResult<JobStatus> {
         let recorded = self
-            .successes
-            .record(vec![Success {
-                job,
-                epoch,
-                exit_code,
-                holder: Some(ctx.id),
-            }])
-            .await
-            .map_err(|e| GatewayError::Unavailable(e.to_string()))?;
+            .record_successes(ctx, [(job, epoch, exit_code)])
+            .await?;
         if let Some(succeeded) = recorded.first() {
             let attempt = succeeded.attempt.max(1) as u32;
             self.publish_status(ctx, job, attempt, epoch, JobStatus::Succeeded)

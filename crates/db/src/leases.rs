@@ -252,7 +252,13 @@ pub async fn succeed_as(
     epoch: u64,
     exit_code: Option<i32>,
 ) -> DbResult<Succeeded> {
-    let done = succeed_many(conn, holder, &[(job, epoch, exit_code)]).await?;
+    let success = Success {
+        job,
+        epoch,
+        exit_code,
+        holder,
+    };
+    let done = succeed_each(conn, &[success]).await?;
     match done.into_iter().next() {
         Some(succeeded) => Ok(succeeded),
         None => Err(why_not_succeeded(conn, job, epoch).await),
@@ -265,26 +271,6 @@ pub async fn why_not_succeeded(conn: &mut PgConn, job: JobId, epoch: u64) -> DbE
     explain_refusal(conn, job, Some(epoch), Action::Succeed).await
 }
 
-/// Records the successes of several attempts in one statement, each as
-/// [`succeed`] does; returns those recorded. An attempt missing from the
-/// result was refused (stale epoch, another holder, or no longer running).
-pub async fn succeed_many(
-    conn: &mut PgConn,
-    holder: Option<AgentId>,
-    attempts: &[(JobId, u64, Option<i32>)],
-) -> DbResult<Vec<Succeeded>> {
-    let held: Vec<Success> = attempts
-        .iter()
-        .map(|&(job, epoch, exit_code)| Success {
-            job,
-            epoch,
-            exit_code,
-            holder,
-        })
-        .collect();
-    succeed_each(conn, &held).await
-}
-
 /// A success to record: the attempt `epoch` of `job`, reported by `holder`
 /// (when given, it must hold the lease).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -295,8 +281,10 @@ pub struct Success {
     pub holder: Option<AgentId>,
 }
 
-/// [`succeed_many`] for successes reported by several holders: a gateway
-/// records what all its agents reported meanwhile in one statement.
+/// Records several successes in one statement, each as [`succeed`] does;
+/// returns those recorded. A success missing from the result was refused
+/// (stale epoch, another holder, or no longer running). A gateway records
+/// what all its agents reported meanwhile in one statement.
 pub async fn succeed_each(conn: &mut PgConn, successes: &[Success]) -> DbResult<Vec<Succeeded>> {
     if successes.is_empty() {
         return Ok(Vec::new());
