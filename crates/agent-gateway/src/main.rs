@@ -2,6 +2,9 @@ use std::process::ExitCode;
 
 use service_kit::launch::bind;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     service_kit::launch::launch(|config: agent_gateway::Config, shutdown| async move {
         let listeners = agent_gateway::Listeners {
