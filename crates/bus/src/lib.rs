@@ -50,13 +50,15 @@ pub enum Channel {
 }
 
 impl Channel {
-    fn suffix(&self) -> String {
-        match self {
-            Channel::SchedulerWake => "scheduler:wake".to_owned(),
-            Channel::Job(id) => format!("job:{id}"),
-            Channel::Org(id) => format!("org:{id}"),
-            Channel::Agent(id) => format!("agent:{id}"),
-        }
+    fn write_suffix(&self, name: &mut String) {
+        use std::fmt::Write;
+        // Writing to a String cannot fail.
+        let _ = match self {
+            Channel::SchedulerWake => write!(name, "scheduler:wake"),
+            Channel::Job(id) => write!(name, "job:{id}"),
+            Channel::Org(id) => write!(name, "org:{id}"),
+            Channel::Agent(id) => write!(name, "agent:{id}"),
+        };
     }
 }
 
@@ -440,7 +442,10 @@ impl Bus {
 
     /// The full Redis name of a channel.
     pub fn channel_name(&self, channel: &Channel) -> String {
-        format!("{}{}", self.prefix, channel.suffix())
+        let mut name = String::with_capacity(self.prefix.len() + 48);
+        name.push_str(&self.prefix);
+        channel.write_suffix(&mut name);
+        name
     }
 
     /// The full Redis name of a key.
@@ -537,7 +542,7 @@ impl Bus {
             return;
         };
         if let Err(error) = self.publish_many(&messages).await {
-            tracing::warn!(error = %error, channel = messages[0].0.suffix(), "status event not published; readers catch up from PostgreSQL");
+            tracing::warn!(error = %error, channel = %self.channel_name(&messages[0].0), "status event not published; readers catch up from PostgreSQL");
         }
     }
 

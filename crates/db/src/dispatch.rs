@@ -178,7 +178,24 @@ pub async fn orgs_with_work(conn: &mut PgConn) -> DbResult<Vec<OrgId>> {
 }
 
 /// The org's leased jobs (what holds agent capacity and limits).
-const HELD: &str = "org_id = $1 AND status IN ('leased', 'running', 'cancel_requested')";
+macro_rules! held {
+    () => {
+        "org_id = $1 AND status IN ('leased', 'running', 'cancel_requested')"
+    };
+}
+const HELD: &str = held!();
+
+/// How many jobs agent `a` holds, as a lateral join: each agent's count
+/// walks only its own entries of the `jobs_held` index. A grouped count of
+/// the org's held jobs joined on the agent was planned (generic plan) as a
+/// nested loop that recounted every held job once per agent: with 8 full
+/// agents of 256, 16,000 index entries and heap visits, 5.9 ms per tick
+/// against 1.6 ms.
+const HELD_BY_AGENT: &str = concat!(
+    "LEFT JOIN LATERAL (SELECT count(*) AS held FROM jobs WHERE ",
+    held!(),
+    " AND agent_id = a.id) h ON true"
+);
 
 #[derive(QueryableByName)]
 struct AgentRow {
@@ -198,16 +215,15 @@ where
     C: AsyncConnectionCore<Backend = Pg> + Send,
 {
     let rows: Vec<AgentRow> = diesel::sql_query(format!(
-        "SELECT a.id, a.labels, a.capacity - COALESCE(l.held, 0) AS free, \
+        "SELECT a.id, a.labels, a.capacity - COALESCE(h.held, 0) AS free, \
                 COALESCE(s.rate, 1.0)::float8 AS success_rate \
          FROM agents a \
-         LEFT JOIN (SELECT agent_id, count(*) AS held FROM jobs WHERE {HELD} GROUP BY agent_id) l \
-           ON l.agent_id = a.id \
+         {HELD_BY_AGENT} \
          LEFT JOIN LATERAL (SELECT avg((r.outcome = 'succeeded')::int)::float8 AS rate FROM \
                     (SELECT outcome FROM attempts WHERE agent_id = a.id \
                      AND outcome IN ('succeeded', 'failed', 'lost') \
                      ORDER BY ended_at DESC LIMIT 20) r) s ON true \
-         WHERE a.org_id = $1 AND a.status = 'online' AND a.capacity - COALESCE(l.held, 0) > 0"
+         WHERE a.org_id = $1 AND a.status = 'online' AND a.capacity - COALESCE(h.held, 0) > 0"
     ))
     .bind::<Text, _>(org.as_str())
     .cached()
@@ -320,9 +336,10 @@ const CANDIDATE_COLUMNS: &str = "id, repository_id, queue_rank, priority, positi
 
 /// Only jobs some online agent of the org has the labels for: otherwise
 /// more unrunnable jobs than a tick reads would hold the heads of a queue
-/// and starve everything queued behind them.
-const RUNNABLE: &str = "EXISTS (SELECT 1 FROM agents a WHERE a.org_id = $1 \
-    AND a.status = 'online' AND a.labels @> jobs.required_labels)";
+/// and starve everything queued behind them. Checked against the `online`
+/// label sets, read once per statement: probing the agents index for each
+/// candidate instead made a read of 1,000 candidates take 2.9 ms, not 2.1.
+const RUNNABLE: &str = "EXISTS (SELECT 1 FROM online WHERE online.labels @> jobs.required_labels)";
 
 /// A job's fairness group: its repository, or the nil UUID (never a
 /// repository's id) for jobs without one. Spelled exactly as in the ready
@@ -372,11 +389,12 @@ where
             SELECT (SELECT {GROUP} FROM jobs WHERE org_id = $1 AND status = 'queued' \
                     AND {GROUP} > groups.id ORDER BY 1 LIMIT 1) \
             FROM groups WHERE groups.id IS NOT NULL), \
+         online(labels) AS MATERIALIZED ( \
+            SELECT DISTINCT labels FROM agents WHERE org_id = $1 AND status = 'online'), \
          free(n) AS ( \
             SELECT least($3, COALESCE(sum(greatest(a.capacity - COALESCE(h.held, 0), 0)), 0)) \
             FROM agents a \
-            LEFT JOIN (SELECT agent_id, count(*) AS held FROM jobs WHERE {HELD} GROUP BY agent_id) h \
-              ON h.agent_id = a.id \
+            {HELD_BY_AGENT} \
             WHERE a.org_id = $1 AND a.status = 'online'), \
          share(n) AS (SELECT greatest($2, free.n / greatest(count(*), 1)) FROM free, groups \
                       WHERE free.n > 0 AND groups.id IS NOT NULL GROUP BY free.n) \
