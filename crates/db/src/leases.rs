@@ -296,6 +296,8 @@ pub async fn succeed_each(conn: &mut PgConn, successes: &[Success]) -> DbResult<
         .iter()
         .map(|s| s.holder.map(|agent| agent.as_uuid()))
         .collect();
+    // Only jobs with a concurrency key hold a slot; the others skip the
+    // slot index probe.
     Ok(diesel::sql_query(
         "WITH done AS ( \
             UPDATE jobs j SET status = 'succeeded', exit_code = r.exit_code, error_kind = NULL, \
@@ -306,8 +308,9 @@ pub async fn succeed_each(conn: &mut PgConn, successes: &[Success]) -> DbResult<
             WHERE j.id = r.id AND j.lease_epoch = r.epoch AND j.status = ANY($4) \
               AND (r.holder IS NULL OR j.agent_id = r.holder) \
             RETURNING j.id, j.lease_epoch, j.agent_id, j.leased_at, j.started_at, j.exit_code, \
-                j.app_failures + j.infra_failures + 1 AS attempt), \
-         freed AS (DELETE FROM concurrency_slots s USING done WHERE s.job_id = done.id), \
+                j.app_failures + j.infra_failures + 1 AS attempt, \
+                j.concurrency_key IS NOT NULL AS keyed), \
+         freed AS (DELETE FROM concurrency_slots s USING done WHERE done.keyed AND s.job_id = done.id), \
          recorded AS ( \
             INSERT INTO attempts (job_id, epoch, attempt, agent_id, leased_at, started_at, outcome, exit_code) \
             SELECT id, lease_epoch, attempt, agent_id, leased_at, started_at, 'succeeded', exit_code FROM done) \
