@@ -16,7 +16,9 @@ use db::leases::{Ending, Extended, Success};
 use db::logs::IncomingLine;
 use db::{Db, DbError, PooledConn};
 use domain::agent::{AgentProfile, AgentStatus};
-use domain::events::{Envelope, Event, LogStream, Offer, OfferedJob, TraceContext};
+use domain::events::{
+    Envelope, Event, JobStatusChange, LogStream, Offer, OfferedJob, TraceContext,
+};
 use domain::job::{JobStatus, Labels, Payload};
 use domain::{AgentId, JobId, OrgId};
 use serde::Deserialize;
@@ -822,32 +824,33 @@ impl Gateway {
         self.publish_status_changes(ctx, &[change], status).await;
     }
 
-    /// Publishes `status` for each job on its own and its org's channel, all
-    /// in one pipeline, and wakes the scheduler once when the status freed
-    /// capacity.
+    /// Publishes `status` for each job on its own channel and, batched, on
+    /// its org's ([`bus::statuses_messages`]), all in one pipeline, and
+    /// wakes the scheduler once when the status freed capacity.
     async fn publish_status_changes(
         &self,
         ctx: &AgentContext,
         changes: &[StatusChange],
         status: JobStatus,
     ) {
-        let mut messages = Vec::with_capacity(2 * changes.len() + 1);
-        for change in changes {
-            let envelope = Envelope::new(
-                ctx.org.clone(),
-                Event::JobStatusChanged {
+        let statuses = changes
+            .iter()
+            .map(|change| {
+                let change_event = JobStatusChange {
                     job_id: change.job,
                     status,
                     attempt: change.attempt,
                     epoch: change.epoch,
                     agent_id: Some(ctx.id),
-                },
-            )
-            .with_trace(change.trace.clone());
-            messages.extend(bus::status_messages(&envelope).into_iter().flatten());
-        }
+                };
+                (change_event, change.trace.clone())
+            })
+            .collect();
+        let mut messages =
+            bus::statuses_messages(&ctx.org, statuses, telemetry::current_trace_context());
+        // The wake carries one job's message: the scheduler reads only its org.
         if !status.holds_lease()
-            && let Some((_, payload)) = messages.last()
+            && let Some((_, payload)) = messages.first()
         {
             messages.push((Channel::SchedulerWake, payload.clone()));
         }

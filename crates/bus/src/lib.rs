@@ -17,7 +17,7 @@ pub use sentinel::SentinelPrimary;
 
 use std::time::Duration;
 
-use domain::events::Envelope;
+use domain::events::{Envelope, Event, JobStatusChange, Offer, TraceContext};
 use domain::{AgentId, JobId, OrgId};
 use futures_util::{Stream, StreamExt};
 use redis::AsyncCommands;
@@ -310,7 +310,7 @@ pub fn message(channel: Channel, envelope: &Envelope) -> Option<(Channel, String
 /// payload on the job's channel and on its org's. `None` for any other
 /// event, or one that does not serialize (logged).
 pub fn status_messages(envelope: &Envelope) -> Option<[(Channel, String); 2]> {
-    let domain::events::Event::JobStatusChanged { job_id, .. } = &envelope.event else {
+    let Event::JobStatusChanged { job_id, .. } = &envelope.event else {
         return None;
     };
     let (job, payload) = message(Channel::Job(*job_id), envelope)?;
@@ -320,36 +320,59 @@ pub fn status_messages(envelope: &Envelope) -> Option<[(Channel, String); 2]> {
     ])
 }
 
+/// The messages announcing several jobs' new statuses, each envelope with
+/// its job's trace: a `JobStatusChanged` on each job's channel (in the
+/// order given), then the org's: for one change the same message, for
+/// several one `JobStatusesChanged` carrying `batch_trace`, so watchers of
+/// an org cost one message per write rather than one per job.
+pub fn statuses_messages(
+    org: &OrgId,
+    changes: Vec<(JobStatusChange, Option<TraceContext>)>,
+    batch_trace: Option<TraceContext>,
+) -> Vec<(Channel, String)> {
+    if let [(change, trace)] = changes.as_slice() {
+        let envelope = Envelope::new(org.clone(), change.event()).with_trace(trace.clone());
+        return status_messages(&envelope).into_iter().flatten().collect();
+    }
+    let mut messages = Vec::with_capacity(changes.len() + 1);
+    let mut batch = Vec::with_capacity(changes.len());
+    for (change, trace) in changes {
+        let envelope = Envelope::new(org.clone(), change.event()).with_trace(trace);
+        messages.extend(message(Channel::Job(change.job_id), &envelope));
+        batch.push(change);
+    }
+    if !batch.is_empty() {
+        let envelope = Envelope::new(org.clone(), Event::JobStatusesChanged { changes: batch })
+            .with_trace(batch_trace);
+        messages.extend(message(Channel::Org(org.clone()), &envelope));
+    }
+    messages
+}
+
 /// The messages that hand granted leases to their agents' gateways, one
-/// per agent (offers first: they are what the agents wait for), then each
-/// lease's `Leased` status on its job's and org's channels. Each offer
-/// carries its job's trace; `batch_trace` goes on a message holding
-/// several offers.
+/// per agent (offers first: they are what the agents wait for), then the
+/// leases' `Leased` statuses ([`statuses_messages`]). Each offer carries
+/// its job's trace; `batch_trace` goes on a message holding several.
 pub fn offer_messages(
     org: &OrgId,
-    offers: Vec<(AgentId, domain::events::Offer)>,
-    batch_trace: Option<domain::events::TraceContext>,
+    offers: Vec<(AgentId, Offer)>,
+    batch_trace: Option<TraceContext>,
 ) -> Vec<(Channel, String)> {
-    use domain::events::Event;
     use std::collections::HashMap;
-    let mut statuses = Vec::with_capacity(2 * offers.len());
-    let mut by_agent: HashMap<AgentId, Vec<domain::events::Offer>> = HashMap::new();
+    let mut statuses = Vec::with_capacity(offers.len());
+    let mut by_agent: HashMap<AgentId, Vec<Offer>> = HashMap::new();
     for (agent_id, offer) in offers {
-        let status = Envelope::new(
-            org.clone(),
-            Event::JobStatusChanged {
-                job_id: offer.job_id,
-                status: domain::job::JobStatus::Leased,
-                attempt: offer.attempt,
-                epoch: offer.epoch,
-                agent_id: Some(agent_id),
-            },
-        )
-        .with_trace(offer.trace.clone());
-        statuses.extend(status_messages(&status).into_iter().flatten());
+        let change = JobStatusChange {
+            job_id: offer.job_id,
+            status: domain::job::JobStatus::Leased,
+            attempt: offer.attempt,
+            epoch: offer.epoch,
+            agent_id: Some(agent_id),
+        };
+        statuses.push((change, offer.trace.clone()));
         by_agent.entry(agent_id).or_default().push(offer);
     }
-    let mut messages = Vec::with_capacity(by_agent.len() + statuses.len());
+    let mut messages = Vec::with_capacity(by_agent.len() + statuses.len() + 1);
     for (agent_id, mut offers) in by_agent {
         // A single lease keeps the single-offer message (and its trace on
         // the envelope), which gateways of every version read.
@@ -371,7 +394,7 @@ pub fn offer_messages(
         let envelope = Envelope::new(org.clone(), event).with_trace(trace);
         messages.extend(message(Channel::Agent(agent_id), &envelope));
     }
-    messages.extend(statuses);
+    messages.extend(statuses_messages(org, statuses, batch_trace));
     messages
 }
 
@@ -727,5 +750,56 @@ mod tests {
     #[test]
     fn a_bad_url_is_refused_at_once() {
         assert!(Bus::connect(&BusConfig::new("not a url", "sy:")).is_err());
+    }
+
+    fn leased(job_id: JobId) -> (JobStatusChange, Option<TraceContext>) {
+        let change = JobStatusChange {
+            job_id,
+            status: domain::job::JobStatus::Leased,
+            attempt: 1,
+            epoch: 7,
+            agent_id: Some(AgentId::new()),
+        };
+        (change, None)
+    }
+
+    fn event_of(payload: &str) -> Event {
+        serde_json::from_str::<Envelope>(payload)
+            .expect("envelope")
+            .event
+    }
+
+    #[test]
+    fn one_status_change_is_the_same_message_on_both_channels() {
+        let org = OrgId::parse("acme").expect("org");
+        let job = JobId::new();
+        let messages = statuses_messages(&org, vec![leased(job)], None);
+        let channels: Vec<_> = messages.iter().map(|(c, _)| c.clone()).collect();
+        assert_eq!(channels, [Channel::Job(job), Channel::Org(org)]);
+        assert_eq!(messages[0].1, messages[1].1);
+        assert!(
+            matches!(event_of(&messages[0].1), Event::JobStatusChanged { job_id, .. } if job_id == job)
+        );
+    }
+
+    #[test]
+    fn several_status_changes_go_to_each_job_and_once_to_the_org() {
+        let org = OrgId::parse("acme").expect("org");
+        let jobs = [JobId::new(), JobId::new(), JobId::new()];
+        let messages = statuses_messages(&org, jobs.iter().map(|&j| leased(j)).collect(), None);
+        assert_eq!(messages.len(), 4);
+        for (job, (channel, payload)) in jobs.iter().zip(&messages) {
+            assert_eq!(channel, &Channel::Job(*job));
+            assert!(
+                matches!(event_of(payload), Event::JobStatusChanged { job_id, epoch: 7, .. } if job_id == *job)
+            );
+        }
+        let (channel, payload) = &messages[3];
+        assert_eq!(channel, &Channel::Org(org));
+        let Event::JobStatusesChanged { changes } = event_of(payload) else {
+            panic!("expected a batch");
+        };
+        let batched: Vec<JobId> = changes.iter().map(|c| c.job_id).collect();
+        assert_eq!(batched, jobs);
     }
 }

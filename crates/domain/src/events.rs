@@ -141,6 +141,31 @@ impl OfferedJob {
     pub const MAX_CARRIED_BYTES: usize = 4 * 1024;
 }
 
+/// One job's new status in an [`Event::JobStatusesChanged`]: the fields of
+/// an [`Event::JobStatusChanged`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobStatusChange {
+    pub job_id: JobId,
+    pub status: JobStatus,
+    pub attempt: u32,
+    pub epoch: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<AgentId>,
+}
+
+impl JobStatusChange {
+    /// The single-job event announcing this change.
+    pub fn event(&self) -> Event {
+        Event::JobStatusChanged {
+            job_id: self.job_id,
+            status: self.status,
+            attempt: self.attempt,
+            epoch: self.epoch,
+            agent_id: self.agent_id,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
@@ -157,6 +182,11 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         agent_id: Option<AgentId>,
     },
+    /// Several jobs' new statuses from one write (a dispatch, a gateway's
+    /// batch of acknowledgements or successes), in one message on the org's
+    /// channel instead of one each; each job's own channel still gets its
+    /// [`Event::JobStatusChanged`].
+    JobStatusesChanged { changes: Vec<JobStatusChange> },
     /// Lines `first_seq ..= first_seq + lines.len() - 1`, in order.
     LogLinesAppended {
         job_id: JobId,
@@ -210,6 +240,7 @@ impl Event {
         match self {
             Event::JobCreated { .. } => "job_created",
             Event::JobStatusChanged { .. } => "job_status_changed",
+            Event::JobStatusesChanged { .. } => "job_statuses_changed",
             Event::LogLinesAppended { .. } => "log_lines_appended",
             Event::AgentStatusChanged { .. } => "agent_status_changed",
             Event::QueueChanged { .. } => "queue_changed",

@@ -20,7 +20,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use domain::events::{Envelope, Event, LogLine};
+use chrono::{DateTime, Utc};
+use domain::events::{Envelope, Event, JobStatusChange, LogLine};
 use domain::job::JobStatus;
 use domain::{JobId, OrgId};
 use futures_util::StreamExt;
@@ -662,51 +663,79 @@ async fn org_feed(
                     continue;
                 }
                 let _span = fan_out_span(&feed, &envelope).entered();
-                let view = match envelope.event {
+                let at = envelope.occurred_at;
+                match envelope.event {
                     Event::JobStatusChanged {
                         job_id,
                         status,
                         attempt,
                         epoch,
                         agent_id,
-                    } => StatusView {
-                        channel: feed.channel.clone(),
-                        job_id,
-                        status,
-                        attempt: Some(attempt),
-                        epoch: Some(epoch),
-                        agent_id: agent_id.map(|a| a.as_uuid()),
-                        queue: None,
-                        created_at: None,
-                        started_at: None,
-                        finished_at: None,
-                        at: envelope.occurred_at,
-                        terminal: status.is_terminal(),
-                    },
+                    } => {
+                        let change = JobStatusChange {
+                            job_id,
+                            status,
+                            attempt,
+                            epoch,
+                            agent_id,
+                        };
+                        broadcast_change(&mut feed, &change, at);
+                    }
+                    // A batch goes out as the same frames, one per job.
+                    Event::JobStatusesChanged { changes } => {
+                        for change in &changes {
+                            broadcast_change(&mut feed, change, at);
+                        }
+                    }
                     Event::JobCreated {
                         job_id,
                         queue,
                         status,
-                    } => StatusView {
-                        channel: feed.channel.clone(),
-                        job_id,
-                        status,
-                        attempt: None,
-                        epoch: None,
-                        agent_id: None,
-                        queue: Some(queue.as_str().to_owned()),
-                        created_at: Some(envelope.occurred_at),
-                        started_at: None,
-                        finished_at: None,
-                        at: envelope.occurred_at,
-                        terminal: false,
-                    },
-                    _ => continue,
-                };
-                let terminal = view.terminal;
-                let frame = ServerMessage::Status(view).frame();
-                feed.broadcast(FeedItem::Status { terminal, frame });
+                    } => {
+                        let view = StatusView {
+                            channel: feed.channel.clone(),
+                            job_id,
+                            status,
+                            attempt: None,
+                            epoch: None,
+                            agent_id: None,
+                            queue: Some(queue.as_str().to_owned()),
+                            created_at: Some(at),
+                            started_at: None,
+                            finished_at: None,
+                            at,
+                            terminal: false,
+                        };
+                        let frame = ServerMessage::Status(view).frame();
+                        feed.broadcast(FeedItem::Status {
+                            terminal: false,
+                            frame,
+                        });
+                    }
+                    _ => {}
+                }
             }
         }
     }
+}
+
+/// Sends an org's subscribers the status frame of one job's change.
+fn broadcast_change(feed: &mut Feed, change: &JobStatusChange, at: DateTime<Utc>) {
+    let view = StatusView {
+        channel: feed.channel.clone(),
+        job_id: change.job_id,
+        status: change.status,
+        attempt: Some(change.attempt),
+        epoch: Some(change.epoch),
+        agent_id: change.agent_id.map(|a| a.as_uuid()),
+        queue: None,
+        created_at: None,
+        started_at: None,
+        finished_at: None,
+        at,
+        terminal: change.status.is_terminal(),
+    };
+    let terminal = view.terminal;
+    let frame = ServerMessage::Status(view).frame();
+    feed.broadcast(FeedItem::Status { terminal, frame });
 }

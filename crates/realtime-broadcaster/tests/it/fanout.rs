@@ -3,6 +3,9 @@
 
 use std::time::Duration;
 
+use domain::events::JobStatusChange;
+use domain::job::JobStatus;
+use domain::{AgentId, JobId, OrgId};
 use test_support::{TestDb, TestRedis};
 
 use crate::support::{Client, Incoming, Writer, assert_exactly, bus, collect, start, token};
@@ -88,6 +91,56 @@ async fn org_subscribers_see_status_changes_of_the_orgs_jobs() {
     assert_eq!(frame.kind, "status");
     assert_eq!(frame.channel.as_deref(), Some("org:acme"));
     assert_eq!(frame.terminal, Some(true));
+}
+
+/// A write that changed several jobs announces them to the org in one
+/// message; subscribers still get one status frame per job, in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_of_status_changes_reaches_org_subscribers_job_by_job() {
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let service = start(&db, redis.url(), redis.prefix());
+    let bus = bus(redis.url(), redis.prefix());
+    let mut client = Client::connect(&service, &token(&["acme"])).await;
+    client.subscribe("org:acme", 0).await;
+    let Incoming::Frame(frame) = client.next_within(Duration::from_secs(5)).await else {
+        panic!("expected subscribed");
+    };
+    assert_eq!(frame.kind, "subscribed");
+    let org = OrgId::parse("acme").expect("org");
+    let statuses = [JobStatus::Running, JobStatus::Succeeded, JobStatus::Running];
+    let changes: Vec<_> = statuses
+        .iter()
+        .map(|&status| {
+            let change = JobStatusChange {
+                job_id: JobId::new(),
+                status,
+                attempt: 1,
+                epoch: 1,
+                agent_id: Some(AgentId::new()),
+            };
+            (change, None)
+        })
+        .collect();
+    let expected: Vec<(String, &str)> = changes
+        .iter()
+        .map(|(c, _)| (c.job_id.to_string(), c.status.as_str()))
+        .collect();
+    let messages = bus::statuses_messages(&org, changes, None);
+    // One message per job's channel, one for the org.
+    assert_eq!(messages.len(), statuses.len() + 1);
+    bus.publish_many(&messages).await.expect("publish");
+    for (job_id, status) in expected {
+        let Incoming::Frame(frame) = client.next_within(Duration::from_secs(5)).await else {
+            panic!("expected a status");
+        };
+        assert_eq!(frame.kind, "status");
+        assert_eq!(frame.channel.as_deref(), Some("org:acme"));
+        assert_eq!(frame.job_id.as_deref(), Some(job_id.as_str()));
+        assert_eq!(frame.status.as_deref(), Some(status));
+        assert_eq!(frame.terminal, Some(status == "succeeded"));
+    }
+    service.stop().await.expect("clean shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread")]

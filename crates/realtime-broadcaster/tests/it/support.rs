@@ -230,6 +230,10 @@ pub struct Frame {
     pub terminal: Option<bool>,
     #[serde(default)]
     pub code: Option<String>,
+    #[serde(default)]
+    pub job_id: Option<String>,
+    #[serde(default)]
+    pub status: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
