@@ -15,7 +15,7 @@
 #                 target/bench/npm when node and npm are present)
 # Env: BENCH_PROFILE=release|debug (default release; debug with --smoke), BENCH_SKIP_BUILD=1 (use
 #      the binaries already built), BENCH_KEEP_DB=1 (keep the bench database), N (burn-down size),
-#      BENCH_AGENTS, BENCH_CAPACITY, BENCH_IDLE_CONNECTIONS, LAT_N, plus BENCH_*_PORT below;
+#      BENCH_AGENTS, BENCH_CAPACITY, BENCH_IDLE_CONNECTIONS, LAT_N, BENCH_STEADY_RATES, plus BENCH_*_PORT below;
 #      BENCH_SQL and BENCH_BROADCASTER_WRAPPER for profiling (see where they are used).
 set -euo pipefail
 cd "$(dirname "$0")/.."

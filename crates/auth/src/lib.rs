@@ -10,6 +10,7 @@
 //! `iss` and `aud` when configured. [`AuthError`] says why a token was
 //! refused, without ever echoing the token or a key.
 
+mod cache;
 pub mod config;
 pub mod dev;
 mod error;
@@ -17,6 +18,7 @@ pub mod jwks;
 mod principal;
 pub mod verifier;
 
+pub use cache::REVERIFY_AFTER;
 pub use config::AuthConfig;
 pub use error::AuthError;
 pub use principal::{OrgMembership, Principal, Role};

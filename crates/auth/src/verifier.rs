@@ -21,6 +21,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
 
+use crate::cache::{self, VerifiedTokens};
 use crate::jwks::{Jwks, algorithm_name};
 use crate::{AuthConfig, AuthError, Principal};
 
@@ -43,6 +44,7 @@ struct Inner {
     rs256: Validation,
     es256: Validation,
     hs256_validation: Validation,
+    verified: VerifiedTokens,
 }
 
 impl fmt::Debug for Verifier {
@@ -91,6 +93,7 @@ impl Verifier {
                 hs256,
                 issuer: config.issuer,
                 audience: config.audience,
+                verified: VerifiedTokens::default(),
             }),
         };
         if verifier.inner.hs256.is_some() {
@@ -116,11 +119,17 @@ impl Verifier {
     }
 
     /// Verifies `token` (the bare JWT, see [`crate::bearer`]) and returns
-    /// whom it speaks for.
+    /// whom it speaks for. A token verified within the last
+    /// [`REVERIFY_AFTER`](crate::REVERIFY_AFTER) and not yet expired is
+    /// answered from memory.
     pub async fn verify(&self, token: &str) -> Result<Principal, AuthError> {
         let token = token.trim();
         if token.is_empty() {
             return Err(AuthError::Missing);
+        }
+        let digest = cache::digest(token);
+        if let Some(principal) = self.inner.verified.get(&digest) {
+            return Ok(principal);
         }
         let header = Header::parse(token)?;
         let inner = &self.inner;
@@ -166,7 +175,16 @@ impl Verifier {
         };
         let data = jsonwebtoken::decode::<Value>(token, key, validation)
             .map_err(|e| AuthError::from_jwt(&e, &header.alg))?;
-        Principal::from_claims(data.claims)
+        // `exp` is required, so a verified token has one.
+        let expires = data.claims.get("exp").and_then(Value::as_u64);
+        let principal = Principal::from_claims(data.claims)?;
+        if let Some(expires) = expires {
+            let accepted_until = expires.saturating_add(validation.leeway);
+            self.inner
+                .verified
+                .insert(digest, &principal, accepted_until);
+        }
+        Ok(principal)
     }
 }
 

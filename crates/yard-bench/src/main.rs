@@ -78,6 +78,9 @@ struct Args {
     /// Burn-down size (default 100,000; smoke 2,000).
     #[arg(long, env = "N")]
     n: Option<u64>,
+    /// Steady-load rates in jobs/s, comma-separated (default 100,500,1000,2000; smoke 100,200).
+    #[arg(long, env = "BENCH_STEADY_RATES", value_delimiter = ',')]
+    steady_rates: Vec<u64>,
     /// Simulated agents for burn-down, lifecycle and steady load.
     #[arg(long, env = "BENCH_AGENTS")]
     agents: Option<usize>,
@@ -166,7 +169,9 @@ impl Sizes {
             capacity: args.capacity.unwrap_or(256),
             idle_samples: args.lat_n.unwrap_or(s(30, 200) as usize),
             idle_gap_ms: if args.smoke { (5, 55) } else { (5, 505) },
-            steady_rates: if args.smoke {
+            steady_rates: if !args.steady_rates.is_empty() {
+                args.steady_rates.clone()
+            } else if args.smoke {
                 vec![100, 200]
             } else {
                 vec![100, 500, 1000, 2000]

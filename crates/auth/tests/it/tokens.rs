@@ -45,6 +45,41 @@ async fn dev_minted_token_round_trips() {
     assert_eq!(verifier.modes(), ["hs256"]);
 }
 
+/// A token answered from memory still expires on time: the verifier's
+/// memory of it never outlives `exp` plus the leeway.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_remembered_token_is_refused_once_it_expires() {
+    let verifier = hs_verifier();
+    let leeway = auth::verifier::LEEWAY_SECS as i64;
+    let token = hs256(SECRET, &claims(2 - leeway));
+    for _ in 0..3 {
+        assert!(verifier.verify(&token).await.is_ok());
+    }
+    tokio::time::sleep(Duration::from_millis(3_100)).await;
+    assert!(matches!(
+        verifier.verify(&token).await,
+        Err(AuthError::Expired)
+    ));
+}
+
+/// A refused token stays refused, and a good token verified meanwhile does
+/// not vouch for another with the same claims and a bad signature.
+#[tokio::test(flavor = "multi_thread")]
+async fn only_the_exact_verified_token_is_remembered() {
+    let verifier = hs_verifier();
+    let claims = claims(600);
+    let good = hs256(SECRET, &claims);
+    let forged = hs256("another secret of at least 32 bytes!", &claims);
+    assert!(verifier.verify(&good).await.is_ok());
+    for _ in 0..2 {
+        assert!(matches!(
+            verifier.verify(&forged).await,
+            Err(AuthError::BadSignature)
+        ));
+    }
+    assert!(verifier.verify(&good).await.is_ok());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn expired_beyond_leeway_is_refused_within_leeway_accepted() {
     let verifier = hs_verifier();
