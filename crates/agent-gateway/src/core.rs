@@ -482,7 +482,7 @@ impl Gateway {
             .iter()
             .map(|s| (JobId(s.job_id), s.attempt.max(1) as u32))
             .collect();
-        self.publish_statuses(ctx, acks, &done, JobStatus::Running)
+        self.publish_statuses(ctx, acks, &done, |_| &[JobStatus::Running])
             .await;
         Ok(started)
     }
@@ -515,51 +515,57 @@ impl Gateway {
             .iter()
             .map(|(job, epoch, _, trace)| (*job, *epoch, trace.clone()))
             .collect();
-        let started: Vec<(JobId, u32)> = done
-            .iter()
-            .filter(|(job, _)| acknowledged.contains(job))
-            .copied()
-            .collect();
-        self.publish_statuses(ctx, &traced, &started, JobStatus::Running)
-            .await;
-        self.publish_statuses(ctx, &traced, &done, JobStatus::Succeeded)
-            .await;
+        // One pipeline: each job's `running` goes out just before its
+        // `succeeded`.
+        self.publish_statuses(ctx, &traced, &done, |job| {
+            if acknowledged.contains(&job) {
+                &[JobStatus::Running, JobStatus::Succeeded]
+            } else {
+                &[JobStatus::Succeeded]
+            }
+        })
+        .await;
         Ok(succeeded)
     }
 
-    /// Publishes `status` for each `done` job, each continuing the trace
-    /// its agent message carried.
+    /// Publishes, for each `done` job, the statuses `statuses_of` gives it
+    /// (in that order), each continuing the trace its agent message carried.
     async fn publish_statuses(
         &self,
         ctx: &AgentContext,
         messages: &[(JobId, u64, Option<TraceContext>)],
         done: &[(JobId, u32)],
-        status: JobStatus,
+        statuses_of: impl Fn(JobId) -> &'static [JobStatus],
     ) {
         let by_job: HashMap<JobId, (u64, Option<&TraceContext>)> = messages
             .iter()
             .map(|(job, epoch, trace)| (*job, (*epoch, trace.as_ref())))
             .collect();
-        let changes: Vec<StatusChange> = done
-            .iter()
-            .filter_map(|(job, attempt)| {
-                let &(epoch, trace) = by_job.get(job)?;
-                let span = tracing::info_span!(
-                    "agent_message",
-                    job.id = %job,
-                    job.epoch = epoch,
-                    trace_id = tracing::field::Empty
-                );
-                telemetry::adopt_trace(&span, trace);
-                Some(StatusChange {
-                    job: *job,
+        let mut changes = Vec::with_capacity(done.len());
+        for (job, attempt) in done {
+            let Some(&(epoch, trace)) = by_job.get(job) else {
+                continue;
+            };
+            let span = tracing::info_span!(
+                "agent_message",
+                job.id = %job,
+                job.epoch = epoch,
+                trace_id = tracing::field::Empty
+            );
+            telemetry::adopt_trace(&span, trace);
+            let trace = telemetry::trace_context_of(&span);
+            for &status in statuses_of(*job) {
+                let change = JobStatusChange {
+                    job_id: *job,
+                    status,
                     attempt: *attempt,
                     epoch,
-                    trace: telemetry::trace_context_of(&span),
-                })
-            })
-            .collect();
-        self.publish_status_changes(ctx, &changes, status).await;
+                    agent_id: Some(ctx.id),
+                };
+                changes.push((change, trace.clone()));
+            }
+        }
+        self.publish_status_changes(ctx, changes).await;
     }
 
     /// The agent gives the job back: queued again after `delay`, no attempt spent.
@@ -815,47 +821,35 @@ impl Gateway {
         epoch: u64,
         status: JobStatus,
     ) {
-        let change = StatusChange {
-            job,
+        let change = JobStatusChange {
+            job_id: job,
+            status,
             attempt,
             epoch,
-            trace: telemetry::current_trace_context(),
+            agent_id: Some(ctx.id),
         };
-        self.publish_status_changes(ctx, &[change], status).await;
+        self.publish_status_changes(ctx, vec![(change, telemetry::current_trace_context())])
+            .await;
     }
 
-    /// Publishes `status` for each job on its own channel and, batched, on
-    /// its org's ([`bus::statuses_messages`]), all in one pipeline, and
-    /// wakes the scheduler once when the status freed capacity.
+    /// Publishes each change on its job's channel and, batched, on the
+    /// org's ([`bus::statuses_messages`]), all in one pipeline, and wakes
+    /// the scheduler once when a change freed capacity.
     async fn publish_status_changes(
         &self,
         ctx: &AgentContext,
-        changes: &[StatusChange],
-        status: JobStatus,
+        changes: Vec<(JobStatusChange, Option<TraceContext>)>,
     ) {
-        let statuses = changes
-            .iter()
-            .map(|change| {
-                let change_event = JobStatusChange {
-                    job_id: change.job,
-                    status,
-                    attempt: change.attempt,
-                    epoch: change.epoch,
-                    agent_id: Some(ctx.id),
-                };
-                (change_event, change.trace.clone())
-            })
-            .collect();
+        let jobs = changes.len();
+        let frees_capacity = changes.iter().any(|(c, _)| !c.status.holds_lease());
         let mut messages =
-            bus::statuses_messages(&ctx.org, statuses, telemetry::current_trace_context());
+            bus::statuses_messages(&ctx.org, changes, telemetry::current_trace_context());
         // The wake carries one job's message: the scheduler reads only its org.
-        if !status.holds_lease()
-            && let Some((_, payload)) = messages.first()
-        {
+        if frees_capacity && let Some((_, payload)) = messages.first() {
             messages.push((Channel::SchedulerWake, payload.clone()));
         }
         if let Err(error) = self.bus.publish_many(&messages).await {
-            tracing::warn!(error = %error, status = status.as_str(), jobs = changes.len(),
+            tracing::warn!(error = %error, jobs,
                 "status events not published; consumers will catch up from PostgreSQL");
         }
     }
@@ -879,14 +873,6 @@ impl Gateway {
     pub fn db_error(job: Option<JobId>, error: DbError) -> GatewayError {
         GatewayError::from_db(job, error)
     }
-}
-
-/// One job's status change to announce, in the trace it continues.
-struct StatusChange {
-    job: JobId,
-    attempt: u32,
-    epoch: u64,
-    trace: Option<TraceContext>,
 }
 
 /// A fenced report found its job queued or finished at the same epoch:
