@@ -5,6 +5,7 @@ use diesel::pg::Pg;
 use diesel::prelude::*;
 use diesel_async::{AsyncConnectionCore, RunQueryDsl};
 use domain::OrgId;
+use futures_util::future::Either;
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -58,6 +59,46 @@ where
     async move {
         insert.await?;
         Ok(())
+    }
+}
+
+/// Records `events` in one statement, built when this is called (as
+/// [`record`]'s).
+pub fn record_many<'a, C>(
+    conn: &'a mut C,
+    mut events: Vec<Record<'a>>,
+) -> impl Future<Output = DbResult<()>> + 'a
+where
+    C: AsyncConnectionCore<Backend = Pg> + Send,
+{
+    // One event keeps `record`'s statement, which diesel keeps prepared; a
+    // longer list's text grows with it.
+    if events.len() == 1 {
+        let event = events.remove(0);
+        Either::Left(record(conn, event))
+    } else {
+        let rows: Vec<_> = events
+            .into_iter()
+            .map(|event| {
+                (
+                    audit_events::id.eq(Uuid::now_v7()),
+                    audit_events::org_id.eq(event.org.as_str()),
+                    audit_events::actor.eq(event.actor),
+                    audit_events::action.eq(event.action),
+                    audit_events::target_type.eq(event.target_type),
+                    audit_events::target_id.eq(event.target_id),
+                    audit_events::request_id.eq(event.request_id),
+                    audit_events::details.eq(event.details),
+                )
+            })
+            .collect();
+        let insert = diesel::insert_into(audit_events::table)
+            .values(rows)
+            .execute(conn);
+        Either::Right(async move {
+            insert.await?;
+            Ok(())
+        })
     }
 }
 

@@ -200,21 +200,25 @@ pub async fn extend_leases(
         return Ok(Vec::new());
     }
     let (ids, epochs) = ids_and_epochs(held);
-    Ok(diesel::sql_query(
-        "UPDATE jobs j SET lease_expires_at = now() + $4 * interval '1 millisecond' \
+    let mut shared = conn.pipeline();
+    conn.keyed_transaction(async {
+        Ok(diesel::sql_query(
+            "UPDATE jobs j SET lease_expires_at = now() + $4 * interval '1 millisecond' \
          FROM unnest($1::uuid[], $2::int8[]) AS held(id, epoch) \
          WHERE j.id = held.id AND j.lease_epoch = held.epoch AND j.agent_id = $3 \
            AND j.status IN ('running', 'cancel_requested') \
          RETURNING j.id AS job_id, j.lease_epoch AS epoch, j.lease_expires_at AS expires_at, \
            j.status = 'cancel_requested' AS cancel_requested",
-    )
-    .bind::<Array<SqlUuid>, _>(&ids)
-    .bind::<Array<BigInt>, _>(&epochs)
-    .bind::<SqlUuid, _>(agent.as_uuid())
-    .bind::<BigInt, _>(millis(lease_ttl))
-    .cached()
-    .load(conn)
-    .await?)
+        )
+        .bind::<Array<SqlUuid>, _>(&ids)
+        .bind::<Array<BigInt>, _>(&epochs)
+        .bind::<SqlUuid, _>(agent.as_uuid())
+        .bind::<BigInt, _>(millis(lease_ttl))
+        .cached()
+        .load(&mut shared)
+        .await?)
+    })
+    .await
 }
 
 /// A success just recorded.
@@ -298,6 +302,8 @@ pub async fn succeed_each(conn: &mut PgConn, successes: &[Success]) -> DbResult<
         .collect();
     // Only jobs with a concurrency key hold a slot; the others skip the
     // slot index probe.
+    let mut shared = conn.pipeline();
+    conn.keyed_transaction(async {
     Ok(diesel::sql_query(
         "WITH done AS ( \
             UPDATE jobs j SET status = 'succeeded', exit_code = r.exit_code, error_kind = NULL, \
@@ -322,8 +328,10 @@ pub async fn succeed_each(conn: &mut PgConn, successes: &[Success]) -> DbResult<
     .bind::<Array<Text>, _>(sources(Action::Succeed))
     .bind::<Array<Nullable<SqlUuid>>, _>(&holders)
     .cached()
-    .load(conn)
+    .load(&mut shared)
     .await?)
+    })
+    .await
 }
 
 /// An acknowledgement just recorded by [`start_many`].
@@ -352,8 +360,10 @@ pub async fn start_many(
         return Ok(Vec::new());
     }
     let (ids, epochs) = ids_and_epochs(assignments);
-    Ok(diesel::sql_query(
-        "UPDATE jobs j SET status = 'running', started_at = now(), \
+    let mut shared = conn.pipeline();
+    conn.keyed_transaction(async {
+        Ok(diesel::sql_query(
+            "UPDATE jobs j SET status = 'running', started_at = now(), \
             lease_expires_at = now() + $4 * interval '1 millisecond', \
             run_deadline_at = now() + j.run_timeout_ms * interval '1 millisecond', \
             updated_at = now() \
@@ -361,15 +371,17 @@ pub async fn start_many(
          WHERE j.id = a.id AND j.lease_epoch = a.epoch AND j.agent_id = $3 AND j.status = ANY($5) \
          RETURNING j.id AS job_id, j.lease_epoch AS epoch, \
             (j.app_failures + j.infra_failures + 1)::int4 AS attempt, j.lease_expires_at",
-    )
-    .bind::<Array<SqlUuid>, _>(&ids)
-    .bind::<Array<BigInt>, _>(&epochs)
-    .bind::<SqlUuid, _>(holder.as_uuid())
-    .bind::<BigInt, _>(millis(lease_ttl))
-    .bind::<Array<Text>, _>(sources(Action::Start))
-    .cached()
-    .load(conn)
-    .await?)
+        )
+        .bind::<Array<SqlUuid>, _>(&ids)
+        .bind::<Array<BigInt>, _>(&epochs)
+        .bind::<SqlUuid, _>(holder.as_uuid())
+        .bind::<BigInt, _>(millis(lease_ttl))
+        .bind::<Array<Text>, _>(sources(Action::Start))
+        .cached()
+        .load(&mut shared)
+        .await?)
+    })
+    .await
 }
 
 /// How an attempt ended, other than in success.

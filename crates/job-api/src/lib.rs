@@ -10,6 +10,7 @@
 //! in-process; `main.rs` only reads the config and binds.
 
 mod caller;
+mod creates;
 mod error;
 mod openapi;
 pub mod routes;

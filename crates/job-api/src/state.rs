@@ -19,6 +19,8 @@ pub struct AppState {
     pub cancel_grace: Duration,
     /// See [`crate::Config::lease_on_create`].
     pub lease_on_create: Option<Duration>,
+    /// Writes busy orgs' single-job creates together.
+    pub creates: crate::creates::CreateWriter,
     /// Leases granted on create (the scheduler counts its own).
     pub leases_on_create: prometheus::IntCounter,
     /// When each org last created jobs through this replica.
@@ -63,6 +65,7 @@ impl AppState {
             tracing::warn!(error = %error, "metric not registered");
         }
         Self {
+            creates: crate::creates::CreateWriter::start(db.clone(), bus.clone()),
             db,
             bus,
             verifier,

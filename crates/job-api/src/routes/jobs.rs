@@ -20,6 +20,7 @@ use utoipa::IntoParams;
 use uuid::Uuid;
 
 use crate::caller::{ApproveJobs, Authorized, OrgCaller};
+use crate::creates::{Pending, Written};
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 use crate::views::{
@@ -106,6 +107,29 @@ async fn create(
     batch: bool,
 ) -> ApiResult<(Vec<db::jobs::Job>, bool)> {
     let lease_on_create = state.lease_on_create(&caller.org);
+    // A busy org's single-job create is written with the others made
+    // meanwhile (see `crate::creates`); an idle org's is written here, to
+    // be leased by its own create.
+    if idem.is_none()
+        && !batch
+        && lease_on_create.is_none()
+        && let Some(cached) = state.cached_settings(&caller.org)
+    {
+        let jobs = new_jobs(requests.clone(), &cached.settings, batch)?;
+        let pending = Pending {
+            org: caller.org.clone(),
+            settings: cached,
+            created_by: caller.actor(),
+            request_id: caller.request_id().map(str::to_owned),
+            trace: telemetry::current_trace_context(),
+            jobs,
+        };
+        match state.creates.create(pending).await {
+            Written::Created(jobs) => return Ok((jobs, false)),
+            Written::Failed(error) => return Err(error),
+            Written::Alone => {}
+        }
+    }
     let mut conn = state.db.conn().await?;
     // An idempotent create reads the settings. Otherwise they come from the
     // cache, saving a round trip on every create; the insert checks them in
@@ -159,23 +183,7 @@ async fn create_with(
     settings_version: SettingsVersion,
     lease_on_create: Option<std::time::Duration>,
 ) -> ApiResult<Option<(Vec<db::jobs::Job>, bool)>> {
-    let mut jobs = Vec::with_capacity(requests.len());
-    let mut errors = Vec::new();
-    for (i, request) in requests.into_iter().enumerate() {
-        let prefix = if batch {
-            format!("jobs[{i}].")
-        } else {
-            String::new()
-        };
-        match request.into_new_job(settings, &prefix) {
-            Ok(job) => jobs.push(job),
-            Err(domain::DomainError::Invalid(list)) => errors.extend(list),
-            Err(other) => return Err(other.into()),
-        }
-    }
-    if !errors.is_empty() {
-        return Err(ApiError::Invalid(errors));
-    }
+    let jobs = new_jobs(requests, settings, batch)?;
     let actor = caller.actor();
     let trace = telemetry::current_trace_context();
     let ctx = CreateContext {
@@ -204,6 +212,32 @@ async fn create_with(
         .await;
     }
     Ok(Some((created.jobs, created.replayed)))
+}
+
+/// The jobs `requests` ask for under `settings`, or every field refused.
+fn new_jobs(
+    requests: Vec<CreateJob>,
+    settings: &OrgSettings,
+    batch: bool,
+) -> ApiResult<Vec<domain::job::NewJob>> {
+    let mut jobs = Vec::with_capacity(requests.len());
+    let mut errors = Vec::new();
+    for (i, request) in requests.into_iter().enumerate() {
+        let prefix = if batch {
+            format!("jobs[{i}].")
+        } else {
+            String::new()
+        };
+        match request.into_new_job(settings, &prefix) {
+            Ok(job) => jobs.push(job),
+            Err(domain::DomainError::Invalid(list)) => errors.extend(list),
+            Err(other) => return Err(other.into()),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::Invalid(errors));
+    }
+    Ok(jobs)
 }
 
 /// After commit: hand the leases granted on create to their agents, or
