@@ -678,12 +678,12 @@ pub struct Placement {
     pub slot: Option<(String, i32)>,
 }
 
-/// Places `job`, a job about to be inserted in this transaction, when
-/// nothing else of its org is ready and no dispatch of the org is running:
-/// the caller then inserts it already leased, so an idle org's job goes out
-/// with its create's commit, without the scheduler's round of wake-up,
-/// reads, lease and commit. Otherwise (and when no online agent can take
-/// it) it returns `None` and the job is inserted queued for the scheduler.
+/// Places `jobs`, jobs about to be inserted in this transaction, when
+/// nothing else of their org is ready and no dispatch of the org is
+/// running: the caller then inserts the placed ones already leased, so they
+/// go out with their create's commit, without the scheduler's round of
+/// wake-up, reads, lease and commit. The rest (all of them when no online
+/// agent can take one) are inserted queued for the scheduler.
 ///
 /// It takes the org's dispatch lock, held until the create commits, so it
 /// never overfills an agent or a limit any more than the scheduler does; a
@@ -693,8 +693,8 @@ pub struct Placement {
 pub async fn place_created(
     shared: &AsyncPgConnection,
     org: &OrgId,
-    job: Candidate,
-) -> DbResult<Option<Placement>> {
+    mut jobs: Vec<Candidate>,
+) -> DbResult<Vec<(JobId, Placement)>> {
     let (mut for_gate, mut for_agents, mut for_limits) = (shared, shared, shared);
     let gate = diesel::sql_query(format!(
         "SELECT CASE WHEN EXISTS (SELECT 1 FROM jobs WHERE org_id = $2 AND status = 'queued' \
@@ -706,26 +706,31 @@ pub async fn place_created(
     .bind::<Text, _>(org.as_str())
     .cached()
     .get_result::<Locked>(&mut for_gate);
-    let (gate, agents, (limits, held)) = futures_util::try_join!(
+    let (gate, agents, (limits, mut held)) = futures_util::try_join!(
         async { Ok(gate.await?) },
         agent_offers(&mut for_agents, org),
         limits(&mut for_limits, org),
     )?;
     if !gate.locked || agents.is_empty() {
-        return Ok(None);
+        return Ok(Vec::new());
     }
-    let ready = [job];
-    let placed = plan(&ready, &agents, &limits, 1).assignments;
-    // (`<[_]>::first`: diesel's prelude has a `first` of its own.)
-    let Some(&(_, agent)) = <[_]>::first(&placed) else {
-        return Ok(None);
-    };
-    let [job] = ready;
-    let slot = job.concurrency_key.map(|key| {
-        let slot = free_slot(&held, &key);
-        (key, slot)
-    });
-    Ok(Some(Placement { agent, slot }))
+    order(&mut jobs, Utc::now(), None);
+    let placed = plan(&jobs, &agents, &limits, jobs.len()).assignments;
+    let keys: HashMap<JobId, String> = jobs
+        .into_iter()
+        .filter_map(|job| job.concurrency_key.map(|key| (job.job_id, key)))
+        .collect();
+    Ok(placed
+        .into_iter()
+        .map(|(job, agent)| {
+            let slot = keys.get(&job).map(|key| {
+                let slot = free_slot(&held, key);
+                held.entry(key.clone()).or_default().push(slot);
+                (key.clone(), slot)
+            });
+            (job, Placement { agent, slot })
+        })
+        .collect())
 }
 
 #[cfg(test)]

@@ -282,8 +282,10 @@ pub async fn create_jobs(
         // deleted meanwhile fails the insert's foreign key.
         check_repositories(conn, org_id, &rows).await?;
         let shared = conn.pipeline();
+        let audits = vec![created_audit(ctx, &rows)];
+        let leasable = rows.len() == 1;
         let (jobs, leased) = conn
-            .pipelined_transaction(create_rows(shared, ctx, rows))
+            .pipelined_transaction(create_rows(shared, ctx, rows, audits, leasable))
             .await?;
         return Ok(Created {
             jobs,
@@ -324,7 +326,9 @@ pub async fn create_jobs(
             });
         }
         check_repositories(conn, org_id, &rows).await?;
-        let (jobs, leased) = create_rows(conn.pipeline(), ctx, rows).await?;
+        let audits = vec![created_audit(ctx, &rows)];
+        let leasable = rows.len() == 1;
+        let (jobs, leased) = create_rows(conn.pipeline(), ctx, rows, audits, leasable).await?;
         Ok(Created {
             jobs,
             replayed: false,
@@ -336,14 +340,15 @@ pub async fn create_jobs(
 
 /// Creates the jobs of several requests of one org, made with the same
 /// settings, in one transaction (all or nothing; each request keeps its own
-/// `job.created` audit event); returns each request's jobs in its order.
-/// Concurrent single-job creates share a statement and a commit this way
-/// (a create's statement and commit cost about the same for one row as
-/// for ten). Nothing is leased on create: the jobs go to the scheduler.
+/// `job.created` audit event); returns what each request made, in order.
+/// Concurrent single-job creates share their statements and commit this
+/// way (a create's statements and commit cost about the same for one row
+/// as for ten), and when each request asks for one job they are leased on
+/// create together, as [`create_jobs`] leases a lone one.
 pub async fn create_together(
     conn: &mut PgConn,
     requests: &[(CreateContext<'_>, &[NewJob])],
-) -> DbResult<Vec<Vec<Job>>> {
+) -> DbResult<Vec<Created>> {
     let Some((first, _)) = requests.first() else {
         return Ok(Vec::new());
     };
@@ -373,143 +378,137 @@ pub async fn create_together(
             audit
         })
         .collect();
-    let mut pipeline = conn.pipeline();
-    let jobs = conn
-        .pipelined_transaction(insert_with_audit(&mut pipeline, first, &rows, audits, true))
+    let leasable = requests.iter().all(|(_, jobs)| jobs.len() == 1);
+    let shared = conn.pipeline();
+    let (jobs, leased) = conn
+        .pipelined_transaction(create_rows(shared, first, rows, audits, leasable))
         .await?;
+    let mut leased: HashMap<Uuid, crate::dispatch::Granted> = leased
+        .into_iter()
+        .map(|lease| (lease.job_id, lease))
+        .collect();
     let mut jobs = jobs.into_iter();
     let mut start = 0;
     Ok(ends
         .iter()
         .map(|&end| {
-            let made = jobs.by_ref().take(end - start).collect();
+            let jobs: Vec<Job> = jobs.by_ref().take(end - start).collect();
             start = end;
-            made
+            Created {
+                leased: jobs
+                    .iter()
+                    .filter_map(|job| leased.remove(&job.id))
+                    .collect(),
+                jobs,
+                replayed: false,
+            }
         })
         .collect())
 }
 
-/// Inserts the rows with their audit event (call inside a transaction).
-/// A single job due at once is inserted already leased when its org is idle
-/// and an agent has room (see [`crate::dispatch::place_created`]); the
-/// lease is returned for its offer.
-async fn create_rows(
-    conn: &AsyncPgConnection,
-    ctx: &CreateContext<'_>,
-    mut rows: Vec<NewJobRow<'_>>,
+/// Inserts the rows with their audit events (call inside a transaction).
+/// When `ctx` leases on create, the rows of `leasable` jobs due at once are
+/// inserted already leased where [`crate::dispatch::place_created`] places
+/// them; those leases are returned for their offers.
+async fn create_rows<'a>(
+    conn: &'a AsyncPgConnection,
+    ctx: &'a CreateContext<'a>,
+    mut rows: Vec<NewJobRow<'a>>,
+    audits: Vec<crate::audit::Record<'a>>,
+    leasable: bool,
 ) -> DbResult<(Vec<Job>, Vec<crate::dispatch::Granted>)> {
     let mut pipeline = conn;
-    let Some((candidate, ack_timeout)) = leasable(ctx, &rows) else {
-        return Ok((
-            insert_with_audit(
-                &mut pipeline,
-                ctx,
-                &rows,
-                vec![created_audit(ctx, &rows)],
-                true,
-            )
-            .await?,
-            Vec::new(),
-        ));
+    let (candidates, ack_timeout) = match ctx.lease_on_create {
+        Some(ack_timeout) if leasable => (candidates(&rows), ack_timeout),
+        _ => (Vec::new(), std::time::Duration::ZERO),
     };
+    if candidates.is_empty() {
+        let jobs = insert_with_audit(&mut pipeline, ctx, &rows, audits, true).await?;
+        return Ok((jobs, Vec::new()));
+    }
     // The settings are checked in the placement's round trip, before the
-    // row is written either way.
+    // rows are written either way.
     let unchanged = settings_check(conn, ctx);
-    let (unchanged, placement) = futures_util::try_join!(
+    let (unchanged, placements) = futures_util::try_join!(
         async {
             match unchanged {
                 Some(check) => check.await,
                 None => Ok(true),
             }
         },
-        crate::dispatch::place_created(conn, ctx.org, candidate)
+        crate::dispatch::place_created(conn, ctx.org, candidates)
     )?;
     if !unchanged {
         return Err(DbError::StaleSettings);
     }
-    let Some(placement) = placement else {
-        return Ok((
-            insert_with_audit(
-                &mut pipeline,
-                ctx,
-                &rows,
-                vec![created_audit(ctx, &rows)],
-                false,
-            )
-            .await?,
-            Vec::new(),
-        ));
-    };
-    let row = &mut rows[0];
-    row.status = JobStatus::Leased.as_str();
-    row.lease_epoch = 1;
-    row.agent_id = Some(placement.agent.as_uuid());
-    row.leased_at = Some(row.created_at);
-    // The client's clock, as for `created_at`; the sweep compares with the
-    // server's, so skew between them shortens or lengthens the ack time.
-    row.lease_expires_at = Some(
-        chrono::Duration::from_std(ack_timeout)
-            .ok()
-            .and_then(|ack| row.created_at.checked_add_signed(ack))
-            .unwrap_or(DateTime::<Utc>::MAX_UTC),
-    );
-    let job_id = row.id;
-    let mut for_slot = conn;
-    let inserted = insert_with_audit(
-        &mut pipeline,
-        ctx,
-        &rows,
-        vec![created_audit(ctx, &rows)],
-        false,
-    );
-    let slot = async {
-        match &placement.slot {
-            Some((key, slot)) => {
-                crate::dispatch::take_slots(
-                    &mut for_slot,
-                    ctx.org,
-                    std::slice::from_ref(key),
-                    &[*slot],
-                    &[job_id],
-                    &[1],
-                )
-                .await
-            }
-            None => Ok(()),
+    let index: HashMap<Uuid, usize> = rows.iter().enumerate().map(|(i, r)| (r.id, i)).collect();
+    let (mut slot_keys, mut slot_numbers, mut slot_jobs) = (Vec::new(), Vec::new(), Vec::new());
+    for (job, placement) in placements {
+        let Some(&i) = index.get(&job.as_uuid()) else {
+            continue;
+        };
+        let row = &mut rows[i];
+        row.status = JobStatus::Leased.as_str();
+        row.lease_epoch = 1;
+        row.agent_id = Some(placement.agent.as_uuid());
+        row.leased_at = Some(row.created_at);
+        // The client's clock, as for `created_at`; the sweep compares with
+        // the server's, so skew between them shortens or lengthens the ack
+        // time.
+        row.lease_expires_at = Some(
+            chrono::Duration::from_std(ack_timeout)
+                .ok()
+                .and_then(|ack| row.created_at.checked_add_signed(ack))
+                .unwrap_or(DateTime::<Utc>::MAX_UTC),
+        );
+        if let Some((key, slot)) = placement.slot {
+            slot_keys.push(key);
+            slot_numbers.push(slot);
+            slot_jobs.push(row.id);
         }
+    }
+    let mut for_slots = conn;
+    let inserted = insert_with_audit(&mut pipeline, ctx, &rows, audits, false);
+    let epochs = vec![1; slot_jobs.len()];
+    let slots = async {
+        if slot_jobs.is_empty() {
+            return Ok(());
+        }
+        crate::dispatch::take_slots(
+            &mut for_slots,
+            ctx.org,
+            &slot_keys,
+            &slot_numbers,
+            &slot_jobs,
+            &epochs,
+        )
+        .await
     };
-    let (jobs, ()) = futures_util::try_join!(inserted, slot)?;
+    let (jobs, ()) = futures_util::try_join!(inserted, slots)?;
     let leased = jobs
         .iter()
+        .filter(|job| job.status() == JobStatus::Leased)
         .map(crate::dispatch::Granted::of_created)
         .collect();
     Ok((jobs, leased))
 }
 
-/// A single-job create that is due at once and may be leased by its
-/// create: the job as a dispatch candidate, and the ack timeout.
-fn leasable(
-    ctx: &CreateContext<'_>,
-    rows: &[NewJobRow<'_>],
-) -> Option<(domain::scheduling::Candidate, std::time::Duration)> {
-    let (Some(ack_timeout), [row]) = (ctx.lease_on_create, rows) else {
-        return None;
-    };
-    if row.status != JobStatus::Queued.as_str() || row.run_at > row.created_at {
-        return None;
-    }
-    let candidate = domain::scheduling::Candidate {
-        job_id: JobId(row.id),
-        repository_id: row.repository_id.map(RepositoryId),
-        queue_rank: row.queue_rank,
-        priority: row.priority,
-        position: 0,
-        queued_at: row.created_at,
-        required_labels: Labels::new(row.required_labels.clone()),
-        concurrency_key: row.concurrency_key.map(str::to_owned),
-        concurrency_limit: row.concurrency_limit.unwrap_or(1).max(1) as u32,
-    };
-    Some((candidate, ack_timeout))
+/// The rows' queued jobs that are due at once, as dispatch candidates.
+fn candidates(rows: &[NewJobRow<'_>]) -> Vec<domain::scheduling::Candidate> {
+    rows.iter()
+        .filter(|row| row.status == JobStatus::Queued.as_str() && row.run_at <= row.created_at)
+        .map(|row| domain::scheduling::Candidate {
+            job_id: JobId(row.id),
+            repository_id: row.repository_id.map(RepositoryId),
+            queue_rank: row.queue_rank,
+            priority: row.priority,
+            position: 0,
+            queued_at: row.created_at,
+            required_labels: Labels::new(row.required_labels.clone()),
+            concurrency_key: row.concurrency_key.map(str::to_owned),
+            concurrency_limit: row.concurrency_limit.unwrap_or(1).max(1) as u32,
+        })
+        .collect()
 }
 
 /// Whether the cached settings the create was made with are still current;

@@ -11,12 +11,13 @@
 use std::sync::Arc;
 
 use bus::{Bus, Channel};
-use db::jobs::{CreateContext, Job};
+use db::dispatch::Granted;
+use db::jobs::{CreateContext, Created, Job};
 use db::orgs::{SettingsVersion, VersionedSettings};
 use db::{Db, DbError};
 use domain::OrgId;
 use domain::events::{Envelope, Event, TraceContext};
-use domain::job::NewJob;
+use domain::job::{JobStatus, NewJob};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use crate::error::ApiError;
@@ -29,6 +30,8 @@ const BATCH_LIMIT: usize = 1_000;
 /// One request's jobs, made with its org's cached settings.
 pub struct Pending {
     pub org: OrgId,
+    /// See [`crate::Config::lease_on_create`].
+    pub lease_on_create: Option<std::time::Duration>,
     pub settings: VersionedSettings,
     pub created_by: String,
     pub request_id: Option<String>,
@@ -60,11 +63,16 @@ pub struct CreateWriter {
 impl CreateWriter {
     /// Starts the writers; they stop when the last `CreateWriter` clone is
     /// dropped and what was handed over is written.
-    pub fn start(db: Db, bus: Bus) -> Self {
+    pub fn start(db: Db, bus: Bus, leases_on_create: prometheus::IntCounter) -> Self {
         let (requests, incoming) = mpsc::unbounded_channel();
         let incoming = Arc::new(Mutex::new(incoming));
+        let writer = Arc::new(Writer {
+            db,
+            bus,
+            leases_on_create,
+        });
         for _ in 0..WRITERS {
-            tokio::spawn(write(db.clone(), bus.clone(), incoming.clone()));
+            tokio::spawn(write(writer.clone(), incoming.clone()));
         }
         Self { requests }
     }
@@ -80,7 +88,13 @@ impl CreateWriter {
     }
 }
 
-async fn write(db: Db, bus: Bus, incoming: Arc<Mutex<mpsc::UnboundedReceiver<Request>>>) {
+struct Writer {
+    db: Db,
+    bus: Bus,
+    leases_on_create: prometheus::IntCounter,
+}
+
+async fn write(writer: Arc<Writer>, incoming: Arc<Mutex<mpsc::UnboundedReceiver<Request>>>) {
     loop {
         let batch = {
             let mut incoming = incoming.lock().await;
@@ -97,7 +111,7 @@ async fn write(db: Db, bus: Bus, incoming: Arc<Mutex<mpsc::UnboundedReceiver<Req
             batch
         };
         for group in by_org_and_settings(batch) {
-            write_group(&db, &bus, group).await;
+            write_group(&writer, group).await;
         }
     }
 }
@@ -107,7 +121,13 @@ async fn write(db: Db, bus: Bus, incoming: Arc<Mutex<mpsc::UnboundedReceiver<Req
 fn by_org_and_settings(batch: Vec<Request>) -> Vec<Vec<Request>> {
     let mut groups: Vec<Vec<Request>> = Vec::new();
     for request in batch {
-        let key = |r: &Request| (r.pending.org.clone(), r.pending.settings.updated_at);
+        let key = |r: &Request| {
+            (
+                r.pending.org.clone(),
+                r.pending.settings.updated_at,
+                r.pending.lease_on_create,
+            )
+        };
         match groups.iter_mut().find(|g| key(&g[0]) == key(&request)) {
             Some(group) => group.push(request),
             None => groups.push(vec![request]),
@@ -116,22 +136,37 @@ fn by_org_and_settings(batch: Vec<Request>) -> Vec<Vec<Request>> {
     groups
 }
 
-async fn write_group(db: &Db, bus: &Bus, group: Vec<Request>) {
+async fn write_group(writer: &Writer, group: Vec<Request>) {
     let written = {
         let requests: Vec<(CreateContext<'_>, &[NewJob])> = group
             .iter()
             .map(|r| (context(&r.pending), r.pending.jobs.as_slice()))
             .collect();
-        match db.conn().await {
+        match writer.db.conn().await {
             Ok(mut conn) => db::jobs::create_together(&mut conn, &requests).await,
             Err(e) => Err(e),
         }
     };
     match written {
-        Ok(made) => {
-            announce(bus, &group, &made).await;
-            for (request, jobs) in group.into_iter().zip(made) {
-                let _ = request.reply.send(Written::Created(jobs));
+        Ok(created) => {
+            let made: Vec<Made<'_>> = group
+                .iter()
+                .zip(&created)
+                .map(|(request, created)| Made {
+                    created,
+                    request_id: request.pending.request_id.as_deref(),
+                    trace: request.pending.trace.as_ref(),
+                })
+                .collect();
+            announce(
+                &writer.bus,
+                &writer.leases_on_create,
+                &group[0].pending.org,
+                &made,
+            )
+            .await;
+            for (request, created) in group.into_iter().zip(created) {
+                let _ = request.reply.send(Written::Created(created.jobs));
             }
         }
         Err(error) if group.len() == 1 && !matches!(error, DbError::StaleSettings) => {
@@ -171,35 +206,67 @@ fn context(pending: &Pending) -> CreateContext<'_> {
         created_by: Some(&pending.created_by),
         request_id: pending.request_id.as_deref(),
         trace: pending.trace.as_ref(),
-        lease_on_create: None,
+        lease_on_create: pending.lease_on_create,
     }
 }
 
-/// After commit: one scheduler wake for the group (first: it is on the
-/// dispatch path), then each job's `job_created` for org watchers under its
-/// request's id and trace, in one Redis round trip; a lost message is
-/// repaired by the sweeps.
-async fn announce(bus: &Bus, group: &[Request], made: &[Vec<Job>]) {
-    let Some(first) = made.iter().flatten().next() else {
+/// What one request created, and under which request id and trace.
+pub struct Made<'a> {
+    pub created: &'a Created,
+    pub request_id: Option<&'a str>,
+    pub trace: Option<&'a TraceContext>,
+}
+
+/// After commit: the offers of the leases granted on create (first: the
+/// agents wait for them), one scheduler wake when jobs were left to it,
+/// then each job's `job_created` for org watchers under its request's id
+/// and trace, all in one Redis round trip; a lost message is repaired by
+/// the sweeps. (The request's trace is stored on each job, so the job's
+/// dispatch, run and logs join it.)
+pub async fn announce(
+    bus: &Bus,
+    leases_on_create: &prometheus::IntCounter,
+    org: &OrgId,
+    made: &[Made<'_>],
+) {
+    let Some(first) = made.first() else {
         return;
     };
-    let org = &group[0].pending.org;
-    let envelope = |event: Event, pending: &Pending| {
+    let envelope = |event: Event, request_id: Option<&str>, trace: Option<&TraceContext>| {
         Envelope::new(org.clone(), event)
-            .with_request_id(pending.request_id.clone())
-            .with_trace(pending.trace.clone())
+            .with_request_id(request_id.map(str::to_owned))
+            .with_trace(trace.cloned())
     };
-    let wake = envelope(
-        Event::QueueChanged {
-            queue: first.queue_name(),
-        },
-        &group[0].pending,
-    );
-    let mut messages: Vec<(Channel, String)> = bus::message(Channel::SchedulerWake, &wake)
-        .into_iter()
-        .collect();
-    for (request, jobs) in group.iter().zip(made) {
-        messages.extend(jobs.iter().take(100).filter_map(|job| {
+    let leased: Vec<&Granted> = made.iter().flat_map(|m| &m.created.leased).collect();
+    let mut messages = Vec::new();
+    if !leased.is_empty() {
+        leases_on_create.inc_by(leased.len() as u64);
+        // Each offer in its own span in its job's trace, as the scheduler's
+        // offers are under their dispatch.
+        let offers = leased.iter().map(|lease| {
+            let span = tracing::info_span!(
+                "offer",
+                job.id = %lease.job_id,
+                job.epoch = lease.epoch,
+                agent.id = %lease.agent_id
+            );
+            telemetry::adopt_trace(&span, lease.trace().as_ref());
+            lease.offer(telemetry::trace_context_of(&span))
+        });
+        messages = bus::offer_messages(org, offers.collect(), first.trace.cloned());
+    }
+    let jobs = made.iter().flat_map(|m| &m.created.jobs);
+    if let Some(queued) = jobs.clone().find(|job| job.status() != JobStatus::Leased) {
+        let wake = Event::QueueChanged {
+            queue: queued.queue_name(),
+        };
+        messages.extend(bus::message(
+            Channel::SchedulerWake,
+            &envelope(wake, first.request_id, first.trace),
+        ));
+    }
+    for m in made {
+        messages.extend(m.created.jobs.iter().take(100).filter_map(|job| {
             let created = Event::JobCreated {
                 job_id: job.job_id(),
                 queue: job.queue_name(),
@@ -207,7 +274,7 @@ async fn announce(bus: &Bus, group: &[Request], made: &[Vec<Job>]) {
             };
             bus::message(
                 Channel::Org(org.clone()),
-                &envelope(created, &request.pending),
+                &envelope(created, m.request_id, m.trace),
             )
         }));
     }

@@ -65,7 +65,11 @@ impl AppState {
             tracing::warn!(error = %error, "metric not registered");
         }
         Self {
-            creates: crate::creates::CreateWriter::start(db.clone(), bus.clone()),
+            creates: crate::creates::CreateWriter::start(
+                db.clone(),
+                bus.clone(),
+                leases_on_create.clone(),
+            ),
             db,
             bus,
             verifier,

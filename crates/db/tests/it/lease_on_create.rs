@@ -200,3 +200,110 @@ async fn a_job_leased_by_its_create_holds_its_concurrency_slot() {
         JobStatus::Queued
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_written_together_lease_what_fits_and_keep_their_own_jobs_and_audit_events() {
+    let test_db = TestDb::new().await;
+    let mut conn = test_db.conn().await;
+    let org = acme(&mut conn).await;
+    let agent = online_agent(&mut conn, "acme", 2, "{}").await;
+    let settings = OrgSettings::default();
+    let jobs = [
+        support::with_key(job("deploy a"), "prod", 1),
+        support::with_key(job("deploy b"), "prod", 1),
+        job("echo c"),
+    ];
+    let request_ids = ["req-a", "req-b", "req-c"];
+    let requests: Vec<_> = jobs
+        .iter()
+        .zip(request_ids)
+        .map(|(new, request_id)| {
+            let mut ctx = support::context(&org, &settings);
+            ctx.request_id = Some(request_id);
+            ctx.lease_on_create = Some(ACK);
+            (ctx, std::slice::from_ref(new))
+        })
+        .collect();
+
+    let created = db::jobs::create_together(&mut conn, &requests)
+        .await
+        .expect("create together");
+
+    // Two slots on the agent; the second "prod" job would exceed its key's
+    // limit, so it waits for the scheduler and the plain job takes the slot.
+    let leased: Vec<usize> = created.iter().map(|c| c.leased.len()).collect();
+    assert_eq!(leased, vec![1, 0, 1]);
+    for (made, new) in created.iter().zip(&jobs) {
+        let [job] = made.jobs.as_slice() else {
+            panic!("one job per request: {made:?}");
+        };
+        assert_eq!(
+            job.payload,
+            serde_json::to_value(&new.payload).expect("payload")
+        );
+        assert!(
+            made.leased
+                .iter()
+                .all(|lease| lease.job_id == job.id && lease.agent_id == agent)
+        );
+    }
+    for (made, expected) in
+        created
+            .iter()
+            .zip([JobStatus::Leased, JobStatus::Queued, JobStatus::Leased])
+    {
+        assert_eq!(
+            reload(&mut conn, made.jobs[0].job_id()).await.status(),
+            expected
+        );
+    }
+    let (_, held) = db::dispatch::limits(&mut conn, &org).await.expect("limits");
+    assert_eq!(held.get("prod"), Some(&vec![0]));
+    let audit = db::audit::list(&mut conn, &org, None, 10)
+        .await
+        .expect("audit");
+    let mut recorded: Vec<(String, String)> = audit
+        .into_iter()
+        .filter(|event| event.action == "job.created")
+        .map(|event| (event.request_id.unwrap_or_default(), event.target_id))
+        .collect();
+    recorded.sort();
+    let expected: Vec<(String, String)> = request_ids
+        .iter()
+        .zip(&created)
+        .map(|(request_id, made)| (request_id.to_string(), made.jobs[0].id.to_string()))
+        .collect();
+    assert_eq!(recorded, expected);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_written_together_are_all_or_nothing() {
+    let test_db = TestDb::new().await;
+    let mut conn = test_db.conn().await;
+    let org = acme(&mut conn).await;
+    let settings = OrgSettings::default();
+    let mut stray = job("echo stray");
+    stray.repository_id = Some(domain::RepositoryId(uuid::Uuid::new_v4()));
+    let jobs = [job("echo fine"), stray];
+    let requests: Vec<_> = jobs
+        .iter()
+        .map(|new| (support::context(&org, &settings), std::slice::from_ref(new)))
+        .collect();
+
+    let refused = db::jobs::create_together(&mut conn, &requests).await;
+
+    assert!(
+        matches!(refused, Err(db::DbError::Domain(_))),
+        "{refused:?}"
+    );
+    let count: i64 = {
+        use diesel::prelude::*;
+        use diesel_async::RunQueryDsl;
+        db::schema::jobs::table
+            .count()
+            .get_result(&mut conn)
+            .await
+            .expect("count")
+    };
+    assert_eq!(count, 0, "nothing of the group was written");
+}

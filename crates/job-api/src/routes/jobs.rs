@@ -20,7 +20,7 @@ use utoipa::IntoParams;
 use uuid::Uuid;
 
 use crate::caller::{ApproveJobs, Authorized, OrgCaller};
-use crate::creates::{Pending, Written};
+use crate::creates::{self, Made, Pending, Written};
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 use crate::views::{
@@ -107,17 +107,16 @@ async fn create(
     batch: bool,
 ) -> ApiResult<(Vec<db::jobs::Job>, bool)> {
     let lease_on_create = state.lease_on_create(&caller.org);
-    // A busy org's single-job create is written with the others made
-    // meanwhile (see `crate::creates`); an idle org's is written here, to
-    // be leased by its own create.
+    // A single-job create is written with the others made meanwhile (see
+    // `crate::creates`).
     if idem.is_none()
         && !batch
-        && lease_on_create.is_none()
         && let Some(cached) = state.cached_settings(&caller.org)
     {
         let jobs = new_jobs(requests.clone(), &cached.settings, batch)?;
         let pending = Pending {
             org: caller.org.clone(),
+            lease_on_create,
             settings: cached,
             created_by: caller.actor(),
             request_id: caller.request_id().map(str::to_owned),
@@ -202,14 +201,12 @@ async fn create_with(
         created => created?,
     };
     if !created.replayed {
-        announce_created(
-            state,
-            &caller.org,
-            &created.jobs,
-            &created.leased,
-            caller.request_id(),
-        )
-        .await;
+        let made = Made {
+            created: &created,
+            request_id: caller.request_id(),
+            trace: trace.as_ref(),
+        };
+        creates::announce(&state.bus, &state.leases_on_create, &caller.org, &[made]).await;
     }
     Ok(Some((created.jobs, created.replayed)))
 }
@@ -238,61 +235,6 @@ fn new_jobs(
         return Err(ApiError::Invalid(errors));
     }
     Ok(jobs)
-}
-
-/// After commit: hand the leases granted on create to their agents, or
-/// else wake the scheduler once (first: it is on the dispatch path), and
-/// tell org watchers, all in one Redis round trip. (The request's trace
-/// context is stored on each job, so its dispatch, run and logs join that
-/// trace.)
-async fn announce_created(
-    state: &AppState,
-    org: &OrgId,
-    jobs: &[db::jobs::Job],
-    leased: &[db::dispatch::Granted],
-    request_id: Option<&str>,
-) {
-    let Some(first) = jobs.first() else {
-        return;
-    };
-    let trace = telemetry::current_trace_context();
-    let mut messages = if leased.is_empty() {
-        let wake = Event::QueueChanged {
-            queue: first.queue_name(),
-        };
-        vec![(Channel::SchedulerWake, wake)]
-    } else {
-        Vec::new()
-    };
-    messages.extend(jobs.iter().take(100).map(|job| {
-        (
-            Channel::Org(org.clone()),
-            Event::JobCreated {
-                job_id: job.job_id(),
-                queue: job.queue_name(),
-                status: job.status(),
-            },
-        )
-    }));
-    let mut messages = state.messages(org, messages, request_id, trace.clone());
-    if !leased.is_empty() {
-        state.leases_on_create.inc_by(leased.len() as u64);
-        // Each offer in its own span under the request's, as the
-        // scheduler's offers are under their dispatch.
-        let offers = leased.iter().map(|lease| {
-            let span = tracing::info_span!(
-                "offer",
-                job.id = %lease.job_id,
-                job.epoch = lease.epoch,
-                agent.id = %lease.agent_id
-            );
-            lease.offer(telemetry::trace_context_of(&span))
-        });
-        let offers = bus::offer_messages(org, offers.collect(), trace);
-        // Offers first: they are what the agents wait for.
-        messages.splice(0..0, offers);
-    }
-    state.publish_messages(messages).await;
 }
 
 /// Create a job.

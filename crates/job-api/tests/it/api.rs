@@ -791,6 +791,100 @@ async fn request_ids_are_returned_and_recorded_in_the_audit_trail() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn concurrent_creates_each_get_their_own_job_and_audit_event_and_a_refused_one_fails_alone() {
+    let api = Api::start().await;
+    let token = Api::token("acme", Role::Member);
+    // The first create reads the org's settings; the next ones are written
+    // together with whatever else arrives meanwhile.
+    let (status, _) = api
+        .call(
+            Method::POST,
+            "/v1/orgs/acme/jobs",
+            Some(&token),
+            Some(json!({"command": "echo first"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let unknown_repository = uuid::Uuid::new_v4();
+    let requests = (0..40).map(|i| {
+        let body = if i == 17 {
+            json!({"command": "echo refused", "repository_id": unknown_repository})
+        } else {
+            json!({"command": format!("echo {i}")})
+        };
+        let request = api
+            .client
+            .post(format!("{}/v1/orgs/acme/jobs", api.service.url()))
+            .bearer_auth(&token)
+            .header("X-Request-ID", format!("concurrent-{i}"))
+            .json(&body);
+        async move {
+            let response = request.send().await.expect("send");
+            let status = response.status();
+            let body: Value = response.json().await.expect("body");
+            (i, status, body)
+        }
+    });
+    let answers = futures_util::future::join_all(requests).await;
+
+    let mut created = std::collections::HashSet::new();
+    for (i, status, body) in answers {
+        if i == 17 {
+            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+            assert_eq!(body["errors"][0]["field"], "repository_id", "{body}");
+            continue;
+        }
+        assert_eq!(status, StatusCode::CREATED, "request {i}: {body}");
+        assert_eq!(
+            body["command"],
+            format!("echo {i}"),
+            "each gets its own job"
+        );
+        assert!(created.insert(body["id"].as_str().expect("id").to_owned()));
+    }
+    assert_eq!(created.len(), 39);
+    let (_, listed) = api
+        .call(
+            Method::GET,
+            "/v1/orgs/acme/jobs?limit=100",
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(listed["items"].as_array().expect("items").len(), 40);
+    let (_, audit) = api
+        .call(
+            Method::GET,
+            "/v1/orgs/acme/audit?limit=100",
+            Some(&token),
+            None,
+        )
+        .await;
+    let mut audited = std::collections::HashMap::new();
+    for event in audit["items"].as_array().expect("items") {
+        if event["action"] == "job.created" {
+            audited.insert(
+                event["request_id"].as_str().unwrap_or_default().to_owned(),
+                event["target_id"].as_str().expect("target").to_owned(),
+            );
+        }
+    }
+    assert_eq!(
+        audited.len(),
+        40,
+        "one event per accepted request: {audited:?}"
+    );
+    assert!(!audited.contains_key("concurrent-17"));
+    assert!(
+        audited
+            .iter()
+            .filter(|(request, _)| request.starts_with("concurrent-"))
+            .all(|(_, target)| created.contains(target)),
+        "each event names its own request's job"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn orgs_settings_and_repositories_round_trip() {
     let api = Api::start().await;
     let admin = Api::token("acme", Role::Admin);
