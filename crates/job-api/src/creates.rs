@@ -30,8 +30,6 @@ const BATCH_LIMIT: usize = 1_000;
 /// One request's jobs, made with its org's cached settings.
 pub struct Pending {
     pub org: OrgId,
-    /// See [`crate::Config::lease_on_create`].
-    pub lease_on_create: Option<std::time::Duration>,
     pub settings: VersionedSettings,
     pub created_by: String,
     pub request_id: Option<String>,
@@ -121,13 +119,7 @@ async fn write(writer: Arc<Writer>, incoming: Arc<Mutex<mpsc::UnboundedReceiver<
 fn by_org_and_settings(batch: Vec<Request>) -> Vec<Vec<Request>> {
     let mut groups: Vec<Vec<Request>> = Vec::new();
     for request in batch {
-        let key = |r: &Request| {
-            (
-                r.pending.org.clone(),
-                r.pending.settings.updated_at,
-                r.pending.lease_on_create,
-            )
-        };
+        let key = |r: &Request| (r.pending.org.clone(), r.pending.settings.updated_at);
         match groups.iter_mut().find(|g| key(&g[0]) == key(&request)) {
             Some(group) => group.push(request),
             None => groups.push(vec![request]),
@@ -206,7 +198,7 @@ fn context(pending: &Pending) -> CreateContext<'_> {
         created_by: Some(&pending.created_by),
         request_id: pending.request_id.as_deref(),
         trace: pending.trace.as_ref(),
-        lease_on_create: pending.lease_on_create,
+        lease_on_create: None,
     }
 }
 

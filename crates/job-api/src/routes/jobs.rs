@@ -107,16 +107,18 @@ async fn create(
     batch: bool,
 ) -> ApiResult<(Vec<db::jobs::Job>, bool)> {
     let lease_on_create = state.lease_on_create(&caller.org);
-    // A single-job create is written with the others made meanwhile (see
-    // `crate::creates`).
+    // A busy org's single-job create is written with the others made
+    // meanwhile (see `crate::creates`). An idle org's is written here: to be
+    // leased by its create, without the hop to a writer (0.2 ms of the idle
+    // created -> assigned p50).
     if idem.is_none()
         && !batch
+        && lease_on_create.is_none()
         && let Some(cached) = state.cached_settings(&caller.org)
     {
         let jobs = new_jobs(requests.clone(), &cached.settings, batch)?;
         let pending = Pending {
             org: caller.org.clone(),
-            lease_on_create,
             settings: cached,
             created_by: caller.actor(),
             request_id: caller.request_id().map(str::to_owned),
