@@ -37,6 +37,36 @@ pub struct Record<'a> {
     pub details: serde_json::Value,
 }
 
+/// An audit row as inserted. `None` is sent as NULL, not `DEFAULT`, so the
+/// statement's text is the same for every event and diesel keeps it prepared.
+#[derive(Insertable)]
+#[diesel(table_name = audit_events, treat_none_as_default_value = false)]
+struct NewAuditEvent<'a> {
+    id: Uuid,
+    org_id: &'a str,
+    actor: &'a str,
+    action: &'a str,
+    target_type: &'a str,
+    target_id: String,
+    request_id: Option<&'a str>,
+    details: serde_json::Value,
+}
+
+impl<'a> From<Record<'a>> for NewAuditEvent<'a> {
+    fn from(event: Record<'a>) -> Self {
+        Self {
+            id: Uuid::now_v7(),
+            org_id: event.org.as_str(),
+            actor: event.actor,
+            action: event.action,
+            target_type: event.target_type,
+            target_id: event.target_id,
+            request_id: event.request_id,
+            details: event.details,
+        }
+    }
+}
+
 /// Records `event`. The statement is built and handed to the connection
 /// when this is called, not when the future is first polled, so it joins a
 /// pipeline with the statements issued before it.
@@ -45,16 +75,7 @@ where
     C: AsyncConnectionCore<Backend = Pg> + Send,
 {
     let insert = diesel::insert_into(audit_events::table)
-        .values((
-            audit_events::id.eq(Uuid::now_v7()),
-            audit_events::org_id.eq(event.org.as_str()),
-            audit_events::actor.eq(event.actor),
-            audit_events::action.eq(event.action),
-            audit_events::target_type.eq(event.target_type),
-            audit_events::target_id.eq(event.target_id),
-            audit_events::request_id.eq(event.request_id),
-            audit_events::details.eq(event.details),
-        ))
+        .values(NewAuditEvent::from(event))
         .execute(conn);
     async move {
         insert.await?;
@@ -77,21 +98,7 @@ where
         let event = events.remove(0);
         Either::Left(record(conn, event))
     } else {
-        let rows: Vec<_> = events
-            .into_iter()
-            .map(|event| {
-                (
-                    audit_events::id.eq(Uuid::now_v7()),
-                    audit_events::org_id.eq(event.org.as_str()),
-                    audit_events::actor.eq(event.actor),
-                    audit_events::action.eq(event.action),
-                    audit_events::target_type.eq(event.target_type),
-                    audit_events::target_id.eq(event.target_id),
-                    audit_events::request_id.eq(event.request_id),
-                    audit_events::details.eq(event.details),
-                )
-            })
-            .collect();
+        let rows: Vec<NewAuditEvent<'_>> = events.into_iter().map(NewAuditEvent::from).collect();
         let insert = diesel::insert_into(audit_events::table)
             .values(rows)
             .execute(conn);

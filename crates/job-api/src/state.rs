@@ -8,7 +8,7 @@ use bus::{Bus, Channel};
 use db::Db;
 use db::orgs::VersionedSettings;
 use domain::OrgId;
-use domain::events::{Envelope, Event, TraceContext};
+use domain::events::{Envelope, Event};
 
 use crate::error::ApiResult;
 
@@ -160,34 +160,6 @@ impl AppState {
             self.bus.job_status_changed(&envelope).await;
         } else {
             self.bus.publish_best_effort(&channel, &envelope).await;
-        }
-    }
-
-    /// One request's events, serialized for [`publish_messages`](Self::publish_messages).
-    pub fn messages(
-        &self,
-        org: &OrgId,
-        events: Vec<(Channel, Event)>,
-        request_id: Option<&str>,
-        trace: Option<TraceContext>,
-    ) -> Vec<(Channel, String)> {
-        events
-            .into_iter()
-            .filter_map(|(channel, event)| {
-                let envelope = Envelope::new(org.clone(), event)
-                    .with_request_id(request_id.map(str::to_owned))
-                    .with_trace(trace.clone());
-                bus::message(channel, &envelope)
-            })
-            .collect()
-    }
-
-    /// Publishes after commit, as one Redis round trip; a lost message is
-    /// repaired by the sweeps.
-    pub async fn publish_messages(&self, messages: Vec<(Channel, String)>) {
-        if let Err(error) = self.bus.publish_many(&messages).await {
-            tracing::warn!(error = %error, events = messages.len(),
-                "events not published; consumers will catch up from PostgreSQL");
         }
     }
 }
