@@ -31,6 +31,10 @@ const CONTENDED_RETRY: Duration = Duration::from_millis(2);
 /// How many dispatches' offers may be on their way to Redis while the
 /// next dispatch runs; a dispatch finding them all in flight waits.
 const OFFERS_IN_FLIGHT: u32 = 4;
+/// From this many leases in one dispatch, their offers are published off
+/// the dispatch loop even when the org has nothing more to lease: agents
+/// freeing capacity while they are built would otherwise wait for them.
+const OFFERS_PUBLISHED_ASIDE_FROM: usize = 64;
 /// How long a stopping engine waits for offers still in flight.
 const OFFERS_DRAIN_ON_STOP: Duration = Duration::from_secs(5);
 /// Idempotency keys are kept this long.
@@ -218,17 +222,19 @@ impl Engine {
                 trace_id = tracing::field::Empty
             );
             telemetry::record_trace_id(&span);
-            if !dispatched.more {
+            if !dispatched.more && granted.len() < OFFERS_PUBLISHED_ASIDE_FROM {
                 // Publishing before the next wake-up is taken lets wake-ups
                 // gather while it runs: fewer, bigger dispatches under
                 // steady load, each one commit.
                 offer(&self.bus, &org, &granted).instrument(span).await;
                 continue;
             }
-            // The org has more to lease at once: these committed leases'
-            // offers go out while the next dispatch runs (a thousand offers
-            // held the loop about 20 ms in a burn-down). An offer that never
-            // arrives is covered by the ack timeout, as when publishing fails.
+            // The org has more to lease at once, or this batch is big enough
+            // that building its offers would hold up the next dispatch:
+            // these committed leases' offers go out while the next dispatch
+            // runs (a thousand offers held the loop about 20 ms in a
+            // burn-down). An offer that never arrives is covered by the ack
+            // timeout, as when publishing fails.
             let permit = self.offers_in_flight.clone().acquire_owned().await;
             let bus = self.bus.clone();
             tokio::spawn(
