@@ -25,6 +25,8 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 use futures_util::{FutureExt, StreamExt, TryStreamExt};
 
+use crate::cached::CacheStatement;
+
 type PgRow = <AsyncPgConnection as AsyncConnectionCore>::Row<'static, 'static>;
 
 /// Planner settings of [`PgConn::keyed_transaction`].
@@ -39,6 +41,9 @@ pub struct PgConn {
     /// dropped half-way the connection is left inside a transaction diesel
     /// does not know of, so the pool must discard it.
     implicit_transaction_open: AtomicBool,
+    /// Set when a pipelined transaction's `COMMIT` went out behind its
+    /// statements ([`PgConn::commit_behind`]).
+    commit_sent: AtomicBool,
 }
 
 impl PgConn {
@@ -80,6 +85,7 @@ impl PgConn {
             inner,
             transaction_pooling,
             implicit_transaction_open: AtomicBool::new(false),
+            commit_sent: AtomicBool::new(false),
         }
     }
 
@@ -111,16 +117,17 @@ impl PgConn {
     }
 
     /// Runs `statement`, issued through [`pipeline`](Self::pipeline), in a
-    /// pipelined transaction (see [`pipelined_transaction`](Self::pipelined_transaction))
-    /// whose plans find rows through indexes and join by nested loop.
+    /// pipelined transaction whose plans find rows through indexes and join
+    /// by nested loop, its `COMMIT` sent behind it (see
+    /// [`commit_behind`](Self::commit_behind)): one round trip in all.
     ///
-    /// For writes that find their rows by key from a list of ids. Their
-    /// prepared statements keep a generic plan, made the first time with
-    /// the statistics of then: made while `jobs` was nearly empty, it reads
-    /// the whole table for each batch (10 ms per success batch with 3,000
-    /// jobs, and growing, until an analyze of the table replaces the plan).
-    /// Index probes are right whatever the table's size, so the plan is
-    /// made with nothing else allowed. Pass an `async` block, so that its
+    /// For single statements that find their rows by key from a list of
+    /// ids. Their prepared statements keep a generic plan, made the first
+    /// time with the statistics of then: made while `jobs` was nearly empty,
+    /// it reads the whole table for each batch (10 ms per success batch with
+    /// 3,000 jobs, and growing, until an analyze of the table replaces the
+    /// plan). Index probes are right whatever the table's size, so the plan
+    /// is made with nothing else allowed. Pass an `async` block, so that its
     /// statement is issued after `BEGIN` and the settings.
     pub async fn keyed_transaction<R, E>(
         &self,
@@ -137,9 +144,35 @@ impl PgConn {
                     .await
                     .map_err(E::from)
             };
-            futures_util::try_join!(planning, statement).map(|((), value)| value)
+            let commit = async { self.commit_behind().await.map_err(E::from) };
+            futures_util::try_join!(planning, statement, commit).map(|((), value, ())| value)
         })
         .await
+    }
+
+    /// `COMMIT` for a [`pipelined_transaction`](Self::pipelined_transaction)
+    /// whose last statements are in flight: polled after them (last in the
+    /// same `try_join!`), it goes out behind them instead of after their
+    /// answers, one round trip fewer. diesel-async prepares and sends a
+    /// statement under one lock, which this prepared `COMMIT` queues on
+    /// too, so it never overtakes a statement still being prepared. Only
+    /// for statements whose answers cannot call the transaction off:
+    /// PostgreSQL commits what it ran (a statement it refuses aborts the
+    /// transaction, and this `COMMIT` then rolls back). Behind a transaction
+    /// pooler it does nothing, and the transaction commits after the
+    /// answers as before.
+    pub async fn commit_behind(&self) -> QueryResult<()> {
+        if self.transaction_pooling {
+            return Ok(());
+        }
+        use diesel_async::RunQueryDsl;
+        self.commit_sent.store(true, Ordering::SeqCst);
+        let mut conn = &self.inner;
+        diesel::sql_query("COMMIT")
+            .cached()
+            .execute(&mut conn)
+            .await
+            .map(|_| ())
     }
 
     /// Ends a transaction this connection opened itself: `COMMIT` after
@@ -150,11 +183,15 @@ impl PgConn {
         E: From<diesel::result::Error>,
     {
         let mut conn = &self.inner;
+        let committed_behind = self.commit_sent.swap(false, Ordering::SeqCst);
         let (result, ended) = match outcome {
+            Ok(value) if committed_behind => (Ok(value), true),
             Ok(value) => match conn.batch_execute("COMMIT").await {
                 Ok(()) => (Ok(value), true),
                 Err(e) => (Err(e.into()), false),
             },
+            // A COMMIT sent behind the statements may have ended the
+            // transaction already; PostgreSQL then only warns.
             Err(e) => (Err(e), conn.batch_execute("ROLLBACK").await.is_ok()),
         };
         if ended {

@@ -307,3 +307,36 @@ async fn requests_written_together_are_all_or_nothing() {
     };
     assert_eq!(count, 0, "nothing of the group was written");
 }
+
+/// The create's COMMIT goes out behind its rows. Here every statement is
+/// prepared on its first run, and still the job, its audit event and its
+/// concurrency slot are written by the one transaction that leased it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_create_writes_its_job_audit_event_and_slot_in_one_transaction() {
+    let test_db = TestDb::new().await;
+    let mut conn = test_db.conn().await;
+    let org = acme(&mut conn).await;
+    online_agent(&mut conn, "acme", 1, "{}").await;
+
+    let created = create_leasing(
+        &mut conn,
+        &org,
+        support::with_key(job("echo keyed"), "k", 1),
+    )
+    .await;
+
+    assert_eq!(created.leased.len(), 1, "{:?}", created.leased);
+    let id = created.jobs[0].job_id();
+    let writers = format!(
+        "SELECT count(DISTINCT writer) AS count FROM ( \
+           SELECT xmin::text AS writer FROM jobs WHERE id = '{id}' \
+           UNION ALL SELECT xmin::text FROM audit_events WHERE target_id = '{id}' \
+           UNION ALL SELECT xmin::text FROM concurrency_slots WHERE job_id = '{id}') w"
+    );
+    let rows = format!(
+        "SELECT (SELECT count(*) FROM audit_events WHERE target_id = '{id}') \
+              + (SELECT count(*) FROM concurrency_slots WHERE job_id = '{id}') AS count"
+    );
+    assert_eq!(support::count(&mut conn, &rows).await, 2);
+    assert_eq!(support::count(&mut conn, &writers).await, 1);
+}

@@ -8,6 +8,7 @@
 mod agents;
 mod audit;
 mod concurrency;
+mod conn;
 mod dispatch;
 mod jobs;
 mod lease_on_create;
