@@ -584,90 +584,104 @@ pub async fn dispatch_org(
     org: &OrgId,
     settings: &DispatchSettings,
 ) -> DbResult<Dispatched> {
+    let owner: &PgConn = conn;
     // BEGIN goes out with the first statements (one round trip fewer).
-    conn.pipelined_transaction(async {
-        // Bitmap scans are off for this transaction: they never mark index
-        // entries of dead rows as dead, and every status change leaves such
-        // entries in the leased and ready indexes until vacuum, so each tick
-        // would visit thousands of dead heap rows again (48 ms per tick
-        // counting 2,000 leases at a 100,000-job burn-down). Plain index
-        // scans mark them on the first visit and skip them after (0.4 ms).
-        // Plans are generic: custom planning of the candidates query took
-        // 1.3 ms per tick, longer than running it, and with bitmap scans off
-        // its generic plan walks the same indexes whatever the backlog
-        // (checked from empty statistics to 100,000 queued jobs).
-        //
-        // The lock and the three reads go in one pipeline, in that order:
-        // one round trip instead of four on every dispatch (when the lock
-        // is not granted, the reads are thrown away).
-        let shared = conn.pipeline();
-        let (mut for_lock, mut for_agents, mut for_limits, mut for_candidates) =
-            (shared, shared, shared, shared);
-        let lock = diesel::sql_query(format!(
+    owner
+        .pipelined_transaction(async {
+            // Bitmap scans are off for this transaction: they never mark index
+            // entries of dead rows as dead, and every status change leaves such
+            // entries in the leased and ready indexes until vacuum, so each tick
+            // would visit thousands of dead heap rows again (48 ms per tick
+            // counting 2,000 leases at a 100,000-job burn-down). Plain index
+            // scans mark them on the first visit and skip them after (0.4 ms).
+            // Plans are generic: custom planning of the candidates query took
+            // 1.3 ms per tick, longer than running it, and with bitmap scans off
+            // its generic plan walks the same indexes whatever the backlog
+            // (checked from empty statistics to 100,000 queued jobs).
+            //
+            // The lock and the three reads go in one pipeline, in that order:
+            // one round trip instead of four on every dispatch (when the lock
+            // is not granted, the reads are thrown away).
+            let shared = conn.pipeline();
+            let (mut for_lock, mut for_agents, mut for_limits, mut for_candidates) =
+                (shared, shared, shared, shared);
+            let lock = diesel::sql_query(format!(
             "SELECT pg_try_advisory_xact_lock($1, hashtext($2)) AS locked FROM {DISPATCH_PLANNING}"
         ))
         .bind::<Int4, _>(DISPATCH_LOCK_NAMESPACE)
         .bind::<Text, _>(org.as_str())
         .cached()
         .get_result::<Locked>(&mut for_lock);
-        let most = settings.max_leases_per_tick as i64;
-        let (lock, agents, (limits, held), mut ready) = futures_util::try_join!(
-            async { Ok(lock.await?) },
-            agent_offers(&mut for_agents, org),
-            limits(&mut for_limits, org),
-            candidates(
-                &mut for_candidates,
+            let most = settings.max_leases_per_tick as i64;
+            let (lock, agents, (limits, held), mut ready) = futures_util::try_join!(
+                async { Ok(lock.await?) },
+                agent_offers(&mut for_agents, org),
+                limits(&mut for_limits, org),
+                candidates(
+                    &mut for_candidates,
+                    org,
+                    settings.heads_per_group,
+                    most,
+                    lifted_before(Utc::now(), settings.aging),
+                ),
+            )?;
+            if !lock.locked {
+                return Ok(Dispatched {
+                    contended: true,
+                    ..Dispatched::default()
+                });
+            }
+            if agents.is_empty() {
+                return Ok(Dispatched::default());
+            }
+            let free: usize = agents.iter().map(|a| a.free as usize).sum();
+            let wanted = free.min(settings.max_leases_per_tick);
+            let mut conn = shared;
+            order(&mut ready, Utc::now(), settings.aging);
+            let placement = plan(&ready, &agents, &limits, wanted);
+            if placement.assignments.is_empty() {
+                return Ok(Dispatched::default());
+            }
+            let mut per_group: HashMap<Option<RepositoryId>, i64> = HashMap::new();
+            for candidate in &ready {
+                *per_group.entry(candidate.repository_id).or_default() += 1;
+            }
+            let some_group_cut = per_group.values().any(|&n| n >= settings.heads_per_group);
+            let keys: HashMap<JobId, String> = ready
+                .iter()
+                .filter_map(|c| c.concurrency_key.clone().map(|k| (c.job_id, k)))
+                .collect();
+            let lease = lease_batch(
+                &mut conn,
                 org,
-                settings.heads_per_group,
-                most,
-                lifted_before(Utc::now(), settings.aging),
-            ),
-        )?;
-        if !lock.locked {
-            return Ok(Dispatched {
-                contended: true,
-                ..Dispatched::default()
-            });
-        }
-        if agents.is_empty() {
-            return Ok(Dispatched::default());
-        }
-        let free: usize = agents.iter().map(|a| a.free as usize).sum();
-        let wanted = free.min(settings.max_leases_per_tick);
-        let mut conn = shared;
-        order(&mut ready, Utc::now(), settings.aging);
-        let placement = plan(&ready, &agents, &limits, wanted);
-        if placement.assignments.is_empty() {
-            return Ok(Dispatched::default());
-        }
-        let mut per_group: HashMap<Option<RepositoryId>, i64> = HashMap::new();
-        for candidate in &ready {
-            *per_group.entry(candidate.repository_id).or_default() += 1;
-        }
-        let some_group_cut = per_group.values().any(|&n| n >= settings.heads_per_group);
-        let keys: HashMap<JobId, String> = ready
-            .iter()
-            .filter_map(|c| c.concurrency_key.clone().map(|k| (c.job_id, k)))
-            .collect();
-        let granted = lease_batch(
-            &mut conn,
-            org,
-            &placement.assignments,
-            &keys,
-            held,
-            settings.ack_timeout,
-        )
-        .await?;
-        let more = !granted.is_empty()
-            && (granted.len() >= settings.max_leases_per_tick
-                || (granted.len() < wanted && some_group_cut));
-        Ok(Dispatched {
-            granted,
-            more,
-            contended: false,
+                &placement.assignments,
+                &keys,
+                held,
+                settings.ack_timeout,
+            );
+            // Without concurrency keys the lease is the last statement, and
+            // nothing it answers can call the dispatch off: COMMIT goes out
+            // behind it (slots are taken from what the lease answers).
+            let keyed = placement
+                .assignments
+                .iter()
+                .any(|(job, _)| keys.contains_key(job));
+            let granted = if keyed {
+                lease.await?
+            } else {
+                let commit = async { owner.commit_behind().await.map_err(crate::DbError::from) };
+                futures_util::try_join!(lease, commit)?.0
+            };
+            let more = !granted.is_empty()
+                && (granted.len() >= settings.max_leases_per_tick
+                    || (granted.len() < wanted && some_group_cut));
+            Ok(Dispatched {
+                granted,
+                more,
+                contended: false,
+            })
         })
-    })
-    .await
+        .await
 }
 
 /// Where a job about to be created can be leased at once: the agent, and
